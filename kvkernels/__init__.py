@@ -1,0 +1,20 @@
+"""kvkernels: paged-KV decode attention kernels (Triton, CUDA, PyTorch) and a GPT-2 integration."""
+from . import reference
+from .cache import BlockAllocator, CacheFullError, PagedKVCache
+from .ops import paged_decode_attention, write_kv_cache
+
+__version__ = "0.1.0"
+
+# The Hugging Face integration imports transformers, which is slow: load it on first use only.
+_LAZY = {"patch": "hf_patch", "unpatch": "hf_patch", "patched": "hf_patch", "generate": "generation"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'kvkernels' has no attribute {name!r}")
+
+
+__all__ = ["paged_decode_attention", "write_kv_cache", "reference", "PagedKVCache", "BlockAllocator",
+           "CacheFullError", "patch", "unpatch", "patched", "generate"]

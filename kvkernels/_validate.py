@@ -1,0 +1,141 @@
+"""Input checks shared by every backend: clear errors instead of wrong answers or bad memory access."""
+from dataclasses import dataclass
+
+import torch
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# The reference also takes float64 so tests can use it against a float64 oracle.
+REFERENCE_DTYPES = KERNEL_DTYPES + (torch.float64,)
+
+
+@dataclass(frozen=True)
+class DecodeShape:
+    batch: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    num_blocks: int
+    block_size: int
+    max_blocks_per_seq: int
+
+
+def _require_tensor(name, x):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+
+
+def _require_same_device(named):
+    devices = {name: x.device for name, x in named.items()}
+    first_name, first = next(iter(devices.items()))
+    for name, dev in devices.items():
+        if dev != first:
+            raise ValueError(f"{name} is on {dev} but {first_name} is on {first}; all tensors must share a device")
+
+
+def _require_last_dim_contiguous(name, x):
+    if x.numel() and x.stride(-1) != 1:
+        raise ValueError(f"{name} must be contiguous in its last (head_dim) dimension, got strides {tuple(x.stride())}")
+
+
+def check_decode_inputs(q, k_cache, v_cache, block_tables, seq_lens, dtypes=KERNEL_DTYPES) -> DecodeShape:
+    """Checks types, dtypes, devices and shapes (no device sync). Returns the problem's sizes."""
+    for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache),
+                    ("block_tables", block_tables), ("seq_lens", seq_lens)):
+        _require_tensor(name, x)
+    _require_same_device({"q": q, "k_cache": k_cache, "v_cache": v_cache,
+                          "block_tables": block_tables, "seq_lens": seq_lens})
+    if q.dtype not in dtypes:
+        raise TypeError(f"q has dtype {q.dtype}; supported: {', '.join(str(d) for d in dtypes)}")
+    for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if x.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {x.dtype} but q has {q.dtype}; they must match")
+    if block_tables.dtype != torch.int32:
+        raise TypeError(f"block_tables must be int32, got {block_tables.dtype}")
+    if seq_lens.dtype != torch.int32:
+        raise TypeError(f"seq_lens must be int32, got {seq_lens.dtype}")
+    if q.dim() != 3:
+        raise ValueError(f"q must be [batch, num_heads, head_dim], got shape {tuple(q.shape)}")
+    if k_cache.dim() != 4:
+        raise ValueError(f"k_cache must be [num_blocks, block_size, num_kv_heads, head_dim], got shape {tuple(k_cache.shape)}")
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"v_cache has shape {tuple(v_cache.shape)} but k_cache has {tuple(k_cache.shape)}")
+    batch, num_heads, head_dim = q.shape
+    num_blocks, block_size, num_kv_heads, cache_head_dim = k_cache.shape
+    if cache_head_dim != head_dim:
+        raise ValueError(f"k_cache head_dim is {cache_head_dim} but q head_dim is {head_dim}")
+    if num_kv_heads == 0 or num_heads % num_kv_heads:
+        raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+    if block_tables.dim() != 2 or block_tables.shape[0] != batch:
+        raise ValueError(f"block_tables must be [batch={batch}, max_blocks_per_seq], got shape {tuple(block_tables.shape)}")
+    if seq_lens.shape != (batch,):
+        raise ValueError(f"seq_lens must be [batch={batch}], got shape {tuple(seq_lens.shape)}")
+    if block_size == 0 or num_blocks == 0 or head_dim == 0:
+        raise ValueError(f"k_cache has an empty dimension: shape {tuple(k_cache.shape)}")
+    for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        _require_last_dim_contiguous(name, x)
+    return DecodeShape(batch, num_heads, num_kv_heads, head_dim, num_blocks, block_size, block_tables.shape[1])
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def check_decode_values(block_tables, seq_lens, shape: DecodeShape) -> None:
+    """Checks seq_lens and the block ids in use. Costs one device sync on GPU; skipped under graph capture."""
+    if shape.batch == 0 or _capturing(seq_lens.device):
+        return
+    capacity = shape.max_blocks_per_seq * shape.block_size
+    lens = seq_lens.long()
+    blocks_used = (lens + shape.block_size - 1) // shape.block_size                       # [B]
+    in_use = torch.arange(shape.max_blocks_per_seq, device=lens.device) < blocks_used[:, None]
+    bad_ids = in_use & ((block_tables < 0) | (block_tables >= shape.num_blocks))
+    flags = torch.stack([(lens < 1).any(), (lens > capacity).any(), bad_ids.any()]).tolist()
+    if flags[0]:
+        raise ValueError(f"seq_lens must be >= 1 for every sequence, got min {int(lens.min())}")
+    if flags[1]:
+        raise ValueError(f"seq_lens max {int(lens.max())} exceeds what block_tables covers "
+                         f"({shape.max_blocks_per_seq} blocks x {shape.block_size} = {capacity} tokens)")
+    if flags[2]:
+        row, col = bad_ids.nonzero()[0].tolist()
+        raise ValueError(f"block_tables[{row}, {col}] = {int(block_tables[row, col])} is in use but outside "
+                         f"[0, num_blocks={shape.num_blocks})")
+
+
+def check_write_inputs(k, v, k_cache, v_cache, slot_mapping, dtypes=KERNEL_DTYPES):
+    """Checks write_kv_cache's arguments (no device sync). Returns (num_tokens, num_slots)."""
+    for name, x in (("k", k), ("v", v), ("k_cache", k_cache), ("v_cache", v_cache), ("slot_mapping", slot_mapping)):
+        _require_tensor(name, x)
+    _require_same_device({"k": k, "v": v, "k_cache": k_cache, "v_cache": v_cache, "slot_mapping": slot_mapping})
+    if k_cache.dtype not in dtypes:
+        raise TypeError(f"k_cache has dtype {k_cache.dtype}; supported: {', '.join(str(d) for d in dtypes)}")
+    for name, x in (("k", k), ("v", v), ("v_cache", v_cache)):
+        if x.dtype != k_cache.dtype:
+            raise TypeError(f"{name} has dtype {x.dtype} but k_cache has {k_cache.dtype}; they must match")
+    if slot_mapping.dtype != torch.int64:
+        raise TypeError(f"slot_mapping must be int64, got {slot_mapping.dtype}")
+    if k_cache.dim() != 4:
+        raise ValueError(f"k_cache must be [num_blocks, block_size, num_kv_heads, head_dim], got shape {tuple(k_cache.shape)}")
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"v_cache has shape {tuple(v_cache.shape)} but k_cache has {tuple(k_cache.shape)}")
+    head_shape = tuple(k_cache.shape[2:])
+    if k.dim() != 3 or tuple(k.shape[1:]) != head_shape:
+        raise ValueError(f"k must be [num_tokens, {head_shape[0]}, {head_shape[1]}], got shape {tuple(k.shape)}")
+    if v.shape != k.shape:
+        raise ValueError(f"v has shape {tuple(v.shape)} but k has {tuple(k.shape)}")
+    if slot_mapping.shape != (k.shape[0],):
+        raise ValueError(f"slot_mapping must be [num_tokens={k.shape[0]}], got shape {tuple(slot_mapping.shape)}")
+    for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
+        _require_last_dim_contiguous(name, x)
+    return k.shape[0], k_cache.shape[0] * k_cache.shape[1]
+
+
+def check_slot_values(slot_mapping, num_slots: int) -> None:
+    """Slots must be -1 (skip) or in [0, num_slots), each used at most once. One sync on GPU; skipped under capture."""
+    if slot_mapping.numel() == 0 or _capturing(slot_mapping.device):
+        return
+    used = slot_mapping[slot_mapping >= 0]
+    lo, hi = int(slot_mapping.min()), int(slot_mapping.max())
+    if lo < -1 or hi >= num_slots:
+        raise ValueError(f"slot_mapping values must be -1 (skip) or in [0, {num_slots}), got range [{lo}, {hi}]")
+    if used.numel() != used.unique().numel():
+        raise ValueError("slot_mapping writes the same slot more than once")

@@ -1,0 +1,203 @@
+"""PagedKVCache: preallocated per-layer K/V block pools, a block allocator, block tables and lengths.
+
+Layout per layer (NHD pages, what the kernels read):
+    k_pools[layer], v_pools[layer]   [num_blocks, block_size, H_kv, D]
+    block_tables                     int32 [max_batch_size, max_blocks_per_seq]  (device)
+    seq_lens                         int32 [max_batch_size]                      (device)
+The allocator and a host mirror of tables and lengths live on the host, so appending tokens never
+reads the device. Only the rows of active sequences are meaningful to the kernels.
+"""
+from dataclasses import dataclass
+
+import torch
+
+from .ops import paged_decode_attention, write_kv_cache
+
+
+class CacheFullError(RuntimeError):
+    """Raised when an append needs more free blocks than the pool has. Nothing cached is lost."""
+
+    def __init__(self, needed: int, free: int, num_blocks: int):
+        self.needed, self.free, self.num_blocks = needed, free, num_blocks
+        super().__init__(f"paged KV cache is out of blocks: this append needs {needed} new block(s) but only "
+                         f"{free} of {num_blocks} are free; free finished sequences or build a larger cache")
+
+
+class BlockAllocator:
+    """Hands out physical block ids from a free list; each id is owned by at most one sequence."""
+
+    def __init__(self, num_blocks: int):
+        if num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+        self.num_blocks = num_blocks
+        self._free = list(range(num_blocks - 1, -1, -1))  # pop() hands out low ids first
+        self._in_use = set()
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_in_use(self) -> int:
+        return len(self._in_use)
+
+    def allocate(self, n: int) -> list:
+        """n distinct free block ids, or CacheFullError with nothing taken."""
+        if n < 0:
+            raise ValueError(f"cannot allocate {n} blocks")
+        if n > len(self._free):
+            raise CacheFullError(n, len(self._free), self.num_blocks)
+        blocks = [self._free.pop() for _ in range(n)]
+        self._in_use.update(blocks)
+        return blocks
+
+    def free(self, blocks) -> None:
+        blocks = list(blocks)
+        if len(set(blocks)) != len(blocks):
+            raise ValueError("the same block id was given twice to free()")
+        for b in blocks:
+            if b not in self._in_use:
+                raise ValueError(f"block {b} is not allocated")
+        for b in blocks:
+            self._in_use.remove(b)
+            self._free.append(b)
+
+
+@dataclass(frozen=True)
+class CacheMemory:
+    num_blocks: int
+    blocks_in_use: int
+    bytes_per_token: int        # K + V over all layers
+    bytes_per_block: int
+    total_bytes: int
+
+    def __str__(self):
+        return (f"{self.blocks_in_use}/{self.num_blocks} blocks in use, {self.bytes_per_token} B/token, "
+                f"{self.total_bytes / 2**20:.1f} MiB pooled")
+
+
+class PagedKVCache:
+    """Per-layer paged K/V pools shared by up to `max_batch_size` sequences (slots 0..max_batch_size-1).
+
+    Size the pool with exactly one of `num_blocks`, `max_tokens` (rounded up to whole blocks) or
+    `memory_bytes` (K + V over all layers). `max_blocks_per_seq` fixes the block-table width, so
+    shapes stay static for CUDA graphs; by default it covers the whole pool.
+    """
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, *, max_batch_size: int,
+                 num_blocks: int = None, max_tokens: int = None, memory_bytes: int = None,
+                 block_size: int = 16, max_blocks_per_seq: int = None,
+                 dtype=torch.float16, device="cpu", backend: str = "auto"):
+        if sum(x is not None for x in (num_blocks, max_tokens, memory_bytes)) != 1:
+            raise ValueError("give exactly one of num_blocks, max_tokens, memory_bytes")
+        for name, value in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
+                            ("max_batch_size", max_batch_size), ("block_size", block_size)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
+        self.block_size, self.max_batch_size = block_size, max_batch_size
+        self.dtype, self.device, self.backend = dtype, torch.device(device), backend
+        element = torch.empty((), dtype=dtype).element_size()
+        self.bytes_per_token = 2 * num_layers * num_kv_heads * head_dim * element
+        if max_tokens is not None:
+            num_blocks = -(-max_tokens // block_size)
+        elif memory_bytes is not None:
+            num_blocks = memory_bytes // (self.bytes_per_token * block_size)
+            if num_blocks < 1:
+                raise ValueError(f"memory_bytes={memory_bytes} holds no block of {self.bytes_per_token * block_size} B")
+        self.allocator = BlockAllocator(num_blocks)
+        self.num_blocks = num_blocks
+        self.max_blocks_per_seq = max_blocks_per_seq or num_blocks
+        pool_shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        self.k_pools = [torch.empty(pool_shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
+        self.v_pools = [torch.empty(pool_shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
+        self.block_tables = torch.zeros(max_batch_size, self.max_blocks_per_seq, dtype=torch.int32, device=self.device)
+        self.seq_lens = torch.zeros(max_batch_size, dtype=torch.int32, device=self.device)
+        self._tables = [[] for _ in range(max_batch_size)]   # host mirror of block_tables rows
+        self._lens = [0] * max_batch_size                     # host mirror of seq_lens
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+
+    def seq_len(self, seq: int) -> int:
+        return self._lens[seq]
+
+    def memory(self) -> CacheMemory:
+        per_block = self.bytes_per_token * self.block_size
+        return CacheMemory(self.num_blocks, self.allocator.num_in_use, self.bytes_per_token, per_block,
+                           per_block * self.num_blocks)
+
+    def reserve(self, seqs, num_new_tokens) -> torch.Tensor:
+        """Makes room for `num_new_tokens[i]` more tokens in sequence slot `seqs[i]`.
+
+        Allocates blocks as needed (all or nothing), advances the lengths and returns the int64
+        slot_mapping [sum(num_new_tokens)] for `append`, sequence by sequence in order.
+        """
+        seqs, counts = list(seqs), list(num_new_tokens)
+        if len(seqs) != len(counts) or len(set(seqs)) != len(seqs):
+            raise ValueError("seqs must be distinct and match num_new_tokens one to one")
+        plan = []
+        for seq, n in zip(seqs, counts):
+            if not 0 <= seq < self.max_batch_size:
+                raise ValueError(f"sequence slot {seq} is outside [0, {self.max_batch_size})")
+            if n < 0:
+                raise ValueError(f"num_new_tokens must be >= 0, got {n}")
+            new_len = self._lens[seq] + n
+            blocks_needed = -(-new_len // self.block_size)
+            if blocks_needed > self.max_blocks_per_seq:
+                raise ValueError(f"sequence {seq} would hold {new_len} tokens, more than the block table covers "
+                                 f"({self.max_blocks_per_seq} x {self.block_size})")
+            plan.append((seq, n, blocks_needed - len(self._tables[seq])))
+        new_blocks = self.allocator.allocate(sum(extra for _, _, extra in plan))  # raises before any change
+        slots = []
+        for seq, n, extra in plan:
+            table = self._tables[seq]
+            table.extend(new_blocks[:extra])
+            del new_blocks[:extra]
+            start = self._lens[seq]
+            slots.extend(table[pos // self.block_size] * self.block_size + pos % self.block_size
+                         for pos in range(start, start + n))
+            self._lens[seq] = start + n
+        self._sync_rows(seqs)
+        return torch.tensor(slots, dtype=torch.int64).to(self.device, non_blocking=True)
+
+    def free(self, seqs) -> None:
+        """Returns the blocks of these sequence slots to the pool and empties them."""
+        seqs = list(seqs)
+        for seq in seqs:
+            self.allocator.free(self._tables[seq])
+            self._tables[seq] = []
+            self._lens[seq] = 0
+        self._sync_rows(seqs)
+
+    def reset(self) -> None:
+        self.free(range(self.max_batch_size))
+
+    def _sync_rows(self, seqs) -> None:
+        rows = torch.zeros(len(seqs), self.max_blocks_per_seq, dtype=torch.int32)
+        for i, seq in enumerate(seqs):
+            rows[i, :len(self._tables[seq])] = torch.tensor(self._tables[seq], dtype=torch.int32)
+        index = torch.tensor(seqs, dtype=torch.long, device=self.device)
+        self.block_tables.index_copy_(0, index, rows.to(self.device, non_blocking=True))
+        self.seq_lens.index_copy_(0, index, torch.tensor([self._lens[s] for s in seqs], dtype=torch.int32)
+                                  .to(self.device, non_blocking=True))
+
+    # -- kernels -------------------------------------------------------------------------------
+
+    def append(self, layer: int, k, v, slot_mapping) -> None:
+        """Writes k, v [N, H_kv, D] of `layer` into the slots that `reserve` returned."""
+        write_kv_cache(k, v, self.k_pools[layer], self.v_pools[layer], slot_mapping, backend=self.backend,
+                       validate=False)
+
+    def decode(self, layer: int, q, seqs=None, *, scale=None):
+        """Decode attention of q [B, H, D] over sequence slots `seqs` (default: slots 0..B-1)."""
+        seqs = range(q.shape[0]) if seqs is None else list(seqs)
+        empty = [s for s in seqs if self._lens[s] == 0]
+        if empty:
+            raise ValueError(f"sequence slot(s) {empty} hold no tokens; reserve and append before decoding")
+        if seqs == range(q.shape[0]):
+            tables, lens = self.block_tables[:q.shape[0]], self.seq_lens[:q.shape[0]]
+        else:
+            index = torch.as_tensor(list(seqs), dtype=torch.long, device=self.device)
+            tables, lens = self.block_tables[index], self.seq_lens[index]
+        return paged_decode_attention(q, self.k_pools[layer], self.v_pools[layer], tables, lens, scale=scale,
+                                      backend=self.backend, validate=False)

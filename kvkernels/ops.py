@@ -1,0 +1,95 @@
+"""The public kernel-level API: input checks, backend choice, dispatch."""
+import importlib.util
+import os
+
+import torch
+
+from . import reference
+from ._validate import check_decode_inputs, check_decode_values, check_slot_values, check_write_inputs
+
+BACKENDS = ("auto", "triton", "cuda", "torch")
+
+
+def triton_available(device: torch.device) -> bool:
+    """Triton runs CUDA tensors, or CPU tensors under its interpreter (TRITON_INTERPRET=1)."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Maps "auto" to the fastest backend for `device` and checks that an explicit choice can run there."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if triton_available(device) else "torch"
+    if backend == "triton" and not triton_available(device):
+        raise RuntimeError(f"backend='triton' cannot run on {device}: it needs CUDA tensors, or TRITON_INTERPRET=1 "
+                           "set before triton is imported to run on the CPU")
+    if backend == "cuda":
+        from . import cuda_ext
+        if device.type != "cuda":
+            raise RuntimeError(f"backend='cuda' needs CUDA tensors, got tensors on {device}")
+        if cuda_ext.load() is None:
+            raise RuntimeError(f"backend='cuda' is unavailable: {cuda_ext.unavailable_reason()}")
+    return backend
+
+
+def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, *, scale=None, backend="auto",
+                           validate=True):
+    """Single-query attention for each sequence over its pages of a paged KV cache.
+
+    Args:
+        q: [B, H, D] fp16 / bf16 / fp32, the one new query per sequence.
+        k_cache: [num_blocks, block_size, H_kv, D], q's dtype (NHD pages). H % H_kv == 0.
+        v_cache: same shape and dtype as k_cache.
+        block_tables: int32 [B, max_blocks_per_seq], physical block ids in logical order; entries past
+            a sequence's last block are never read.
+        seq_lens: int32 [B], tokens cached for each sequence, 1 <= seq_lens <= max_blocks_per_seq * block_size.
+        scale: softmax scale, default D ** -0.5.
+        backend: "auto" | "triton" | "cuda" | "torch".
+        validate: check seq_lens and the block ids in use (one device sync; skipped while capturing a
+            CUDA graph). Callers that own the tables, like PagedKVCache, pass False.
+
+    Returns:
+        out: [B, H, D] in q's dtype.
+    """
+    shape = check_decode_inputs(q, k_cache, v_cache, block_tables, seq_lens)
+    backend = resolve_backend(backend, q.device)
+    if validate:
+        check_decode_values(block_tables, seq_lens, shape)
+    scale = shape.head_dim ** -0.5 if scale is None else float(scale)
+    if backend == "torch":
+        return reference.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale=scale,
+                                                validate=False)
+    if backend == "cuda":
+        from . import cuda_ext
+        return cuda_ext.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, shape, scale)
+    from . import triton_decode
+    return triton_decode.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, shape, scale)
+
+
+def write_kv_cache(k, v, k_cache, v_cache, slot_mapping, *, backend="auto", validate=True):
+    """Writes new tokens' K and V into their slots of the paged cache, in place.
+
+    Args:
+        k, v: [N, H_kv, D], the cache's dtype.
+        k_cache, v_cache: [num_blocks, block_size, H_kv, D].
+        slot_mapping: int64 [N], block * block_size + offset for each token; -1 skips the token.
+        backend: "auto" | "triton" | "cuda" | "torch".
+        validate: check slots are in range and distinct (one device sync; skipped while capturing).
+    """
+    _, num_slots = check_write_inputs(k, v, k_cache, v_cache, slot_mapping)
+    backend = resolve_backend(backend, k_cache.device)
+    if validate:
+        check_slot_values(slot_mapping, num_slots)
+    if backend == "torch":
+        reference.write_kv_cache(k, v, k_cache, v_cache, slot_mapping, validate=False)
+    elif backend == "cuda":
+        from . import cuda_ext
+        cuda_ext.write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
+    else:
+        from . import triton_write_kv
+        triton_write_kv.write_kv_cache(k, v, k_cache, v_cache, slot_mapping)

@@ -1,0 +1,170 @@
+"""Triton paged decode attention: one query per sequence over NHD pages, split-K with a log-sum-exp merge.
+
+Grid of the main kernel: (batch, kv_head, split). A program serves every query head of its KV head
+(grouped-query heads share one read of K/V) over one contiguous partition of the context. With one
+split it writes the normalised output directly; otherwise it writes an fp32 partial output and its
+base-2 log-sum-exp, and `_merge_splits_kernel` combines them.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .split import MIN_SPLIT_TOKENS, choose_num_splits, num_sms
+
+LOG2_E = 1.4426950408889634
+
+
+@triton.jit
+def _split_bounds(seq_len, split, MAX_SPLITS: tl.constexpr, MIN_SPLIT_TOKENS: tl.constexpr, TILE_N: tl.constexpr):
+    # Per-sequence layout, recomputed identically by the merge kernel: short sequences use fewer splits.
+    num_splits = tl.minimum(tl.maximum(tl.cdiv(seq_len, MIN_SPLIT_TOKENS), 1), MAX_SPLITS)
+    tokens_per_split = tl.cdiv(tl.cdiv(seq_len, num_splits), TILE_N) * TILE_N
+    start = split * tokens_per_split
+    return start, tl.minimum(start + tokens_per_split, seq_len)
+
+
+@triton.jit
+def _paged_decode_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
+    out_ptr, partial_out_ptr, partial_lse_ptr,
+    qk_scale,  # softmax scale * log2(e): the kernel works in base 2
+    stride_qb, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_tb,
+    stride_ob, stride_oh,
+    max_blocks_per_seq,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr,
+    MAX_SPLITS: tl.constexpr, MIN_SPLIT_TOKENS: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    # Clamp to the table's capacity so a bad length can never read past it.
+    seq_len = tl.minimum(tl.load(seq_lens_ptr + seq), max_blocks_per_seq * BLOCK_SIZE)
+    start, end = _split_bounds(seq_len, split, MAX_SPLITS, MIN_SPLIT_TOKENS, TILE_N)
+    if split > 0 and start >= seq_len:
+        return  # this sequence needs fewer splits; the merge ignores this slot
+
+    group = tl.arange(0, GROUP_PAD)
+    heads = kv_head * GROUP + group                                            # [G]
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    head_mask = group < GROUP
+    dim_mask = dims < HEAD_DIM
+    q = tl.load(q_ptr + seq * stride_qb + heads[:, None] * stride_qh + dims[None, :],
+                mask=head_mask[:, None] & dim_mask[None, :], other=0.0)
+    q = q.to(tl.float32) * qk_scale                                            # [G, D]
+
+    m = tl.full([GROUP_PAD], float("-inf"), tl.float32)                        # running max (base 2)
+    l = tl.zeros([GROUP_PAD], tl.float32)                                      # running sum of exp2
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], tl.float32)                      # [G, D]
+    table = block_tables_ptr + seq.to(tl.int64) * stride_tb
+    for tile_start in range(start, end, TILE_N):
+        tokens = tile_start + tl.arange(0, TILE_N)                             # [N]
+        token_mask = tokens < end
+        block_ids = tl.load(table + tokens // BLOCK_SIZE, mask=token_mask, other=0).to(tl.int64)
+        slot_in_block = (tokens % BLOCK_SIZE).to(tl.int64)
+        kv_mask = token_mask[:, None] & dim_mask[None, :]
+        # Masked loads, not masked scores: free slots may hold NaN and 0 * NaN = NaN.
+        k = tl.load(k_cache_ptr + (block_ids * stride_kb + slot_in_block * stride_kt + kv_head * stride_kh)[:, None]
+                    + dims[None, :], mask=kv_mask, other=0.0).to(tl.float32)   # [N, D]
+        v = tl.load(v_cache_ptr + (block_ids * stride_vb + slot_in_block * stride_vt + kv_head * stride_vh)[:, None]
+                    + dims[None, :], mask=kv_mask, other=0.0).to(tl.float32)   # [N, D]
+        scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2)                 # [G, N]
+        scores = tl.where(token_mask[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, axis=1))
+        p = tl.exp2(scores - m_new[:, None])                                   # [G, N]
+        alpha = tl.exp2(m - m_new)
+        l = l * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+        m = m_new
+
+    out = acc / l[:, None]            # seq_len 0 gives 0 / 0 = NaN: loud, never a plausible answer
+    out_mask = head_mask[:, None] & dim_mask[None, :]
+    if MAX_SPLITS == 1:
+        o_ptrs = out_ptr + seq * stride_ob + heads[:, None] * stride_oh + dims[None, :]
+        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        # partial_out: fp32 [B, H, MAX_SPLITS, HEAD_DIM] contiguous; partial_lse: fp32 [B, H, MAX_SPLITS]
+        row = (seq * (GROUP * tl.num_programs(1)) + heads).to(tl.int64) * MAX_SPLITS + split    # [G]
+        tl.store(partial_out_ptr + row[:, None] * HEAD_DIM + dims[None, :], out, mask=out_mask)
+        tl.store(partial_lse_ptr + row, m + tl.log2(l), mask=head_mask)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    partial_out_ptr, partial_lse_ptr, seq_lens_ptr, out_ptr,
+    stride_ob, stride_oh, num_heads, max_blocks_per_seq,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr,
+    MAX_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, MIN_SPLIT_TOKENS: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    seq_len = tl.minimum(tl.load(seq_lens_ptr + seq), max_blocks_per_seq * BLOCK_SIZE)
+    splits = tl.arange(0, SPLITS_PAD)
+    start, _ = _split_bounds(seq_len, splits, MAX_SPLITS, MIN_SPLIT_TOKENS, TILE_N)
+    written = (splits < MAX_SPLITS) & (start < seq_len)                        # [S] slots the main kernel filled
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    dim_mask = dims < HEAD_DIM
+    row = (seq * num_heads + head).to(tl.int64) * MAX_SPLITS + splits          # [S]
+    lse = tl.load(partial_lse_ptr + row, mask=written, other=float("-inf"))
+    weights = tl.where(written, tl.exp2(lse - tl.max(lse, axis=0)), 0.0)       # [S]
+    partial = tl.load(partial_out_ptr + row[:, None] * HEAD_DIM + dims[None, :],
+                      mask=written[:, None] & dim_mask[None, :], other=0.0)    # [S, D]
+    out = tl.sum(weights[:, None] * partial, axis=0) / tl.sum(weights, axis=0)
+    tl.store(out_ptr + seq * stride_ob + head * stride_oh + dims, out.to(out_ptr.dtype.element_ty), mask=dim_mask)
+
+
+def _tile_tokens(group_pad: int, head_dim_pad: int) -> int:
+    # Keep the [G, N, D] fp32 product near 8K elements per program: enough work per iteration
+    # without spilling registers.
+    return max(16, min(128, 8192 // (group_pad * head_dim_pad)))
+
+
+def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, shape, scale,
+                           *, num_splits=None, min_split_tokens=MIN_SPLIT_TOKENS):
+    """Launches the decode kernel (and the merge when splitting). Inputs already checked by kvkernels.ops.
+
+    q [B, H, D]; k_cache, v_cache [num_blocks, block_size, H_kv, D]; block_tables int32 [B, M];
+    seq_lens int32 [B]; shape: the DecodeShape from validation. Returns out [B, H, D] in q's dtype.
+    num_splits: the static maximum partitions per sequence (default: the shared heuristic).
+    """
+    batch, num_heads, head_dim = shape.batch, shape.num_heads, shape.head_dim
+    out = torch.empty_like(q)
+    if batch == 0:
+        return out
+    group = num_heads // shape.num_kv_heads
+    group_pad = triton.next_power_of_2(group)
+    head_dim_pad = triton.next_power_of_2(head_dim)
+    tile = _tile_tokens(group_pad, head_dim_pad)
+    max_context = shape.max_blocks_per_seq * shape.block_size
+    if num_splits is None:
+        num_splits = choose_num_splits(batch, shape.num_kv_heads, max_context, num_sms(q.device), min_split_tokens)
+    if num_splits > 1:
+        partial_out = torch.empty(batch, num_heads, num_splits, head_dim, device=q.device, dtype=torch.float32)
+        partial_lse = torch.empty(batch, num_heads, num_splits, device=q.device, dtype=torch.float32)
+    else:
+        partial_out = partial_lse = out  # unused: the kernel writes `out` directly
+    q = q.contiguous() if q.stride(-1) != 1 else q
+    _paged_decode_kernel[(batch, shape.num_kv_heads, num_splits)](
+        q, k_cache, v_cache, block_tables, seq_lens, out, partial_out, partial_lse,
+        scale * LOG2_E,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0),
+        out.stride(0), out.stride(1),
+        shape.max_blocks_per_seq,
+        HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, GROUP=group, GROUP_PAD=group_pad,
+        BLOCK_SIZE=shape.block_size, TILE_N=tile, MAX_SPLITS=num_splits, MIN_SPLIT_TOKENS=min_split_tokens,
+    )
+    if num_splits > 1:
+        _merge_splits_kernel[(batch, num_heads)](
+            partial_out, partial_lse, seq_lens, out,
+            out.stride(0), out.stride(1), num_heads, shape.max_blocks_per_seq,
+            HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_SIZE=shape.block_size, TILE_N=tile,
+            MAX_SPLITS=num_splits, SPLITS_PAD=triton.next_power_of_2(num_splits), MIN_SPLIT_TOKENS=min_split_tokens,
+        )
+    return out
