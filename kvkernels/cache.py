@@ -190,14 +190,16 @@ class PagedKVCache:
 
     def decode(self, layer: int, q, seqs=None, *, scale=None):
         """Decode attention of q [B, H, D] over sequence slots `seqs` (default: slots 0..B-1)."""
-        seqs = range(q.shape[0]) if seqs is None else list(seqs)
+        seqs = list(range(q.shape[0])) if seqs is None else list(seqs)
+        if len(seqs) != q.shape[0]:
+            raise ValueError(f"q has {q.shape[0]} rows but {len(seqs)} sequence slots were given")
         empty = [s for s in seqs if self._lens[s] == 0]
         if empty:
             raise ValueError(f"sequence slot(s) {empty} hold no tokens; reserve and append before decoding")
-        if seqs == range(q.shape[0]):
-            tables, lens = self.block_tables[:q.shape[0]], self.seq_lens[:q.shape[0]]
+        if seqs == list(range(len(seqs))):  # leading slots: views, no gather
+            tables, lens = self.block_tables[:len(seqs)], self.seq_lens[:len(seqs)]
         else:
-            index = torch.as_tensor(list(seqs), dtype=torch.long, device=self.device)
+            index = torch.tensor(seqs, dtype=torch.long, device=self.device)
             tables, lens = self.block_tables[index], self.seq_lens[index]
         return paged_decode_attention(q, self.k_pools[layer], self.v_pools[layer], tables, lens, scale=scale,
                                       backend=self.backend, validate=False)

@@ -38,7 +38,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, *, scale=None, backend="auto",
-                           validate=True):
+                           validate=True, out=None):
     """Single-query attention for each sequence over its pages of a paged KV cache.
 
     Args:
@@ -52,23 +52,32 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, *, scale
         backend: "auto" | "triton" | "cuda" | "torch".
         validate: check seq_lens and the block ids in use (one device sync; skipped while capturing a
             CUDA graph). Callers that own the tables, like PagedKVCache, pass False.
+        out: optional [B, H, D] tensor of q's dtype and device to write into (a static buffer for CUDA
+            graphs); allocated when None.
 
     Returns:
         out: [B, H, D] in q's dtype.
     """
     shape = check_decode_inputs(q, k_cache, v_cache, block_tables, seq_lens)
     backend = resolve_backend(backend, q.device)
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1:
+        raise ValueError(f"out must be a {tuple(q.shape)} {q.dtype} tensor on {q.device} with a contiguous last dim, "
+                         f"got {tuple(out.shape)} {out.dtype} on {out.device}")
     if validate:
         check_decode_values(block_tables, seq_lens, shape)
     scale = shape.head_dim ** -0.5 if scale is None else float(scale)
     if backend == "torch":
-        return reference.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale=scale,
-                                                validate=False)
-    if backend == "cuda":
+        out.copy_(reference.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale=scale,
+                                                   validate=False))
+    elif backend == "cuda":
         from . import cuda_ext
-        return cuda_ext.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, shape, scale)
-    from . import triton_decode
-    return triton_decode.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, shape, scale)
+        cuda_ext.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, shape, scale, out)
+    else:
+        from . import triton_decode
+        triton_decode.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, shape, scale, out)
+    return out
 
 
 def write_kv_cache(k, v, k_cache, v_cache, slot_mapping, *, backend="auto", validate=True):

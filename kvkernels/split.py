@@ -35,8 +35,3 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, sm_count:
         return 1
     return max(1, min(cdiv(target, programs), cdiv(max_context, min_split_tokens), MAX_SPLITS))
 
-
-def split_layout(seq_len: int, max_splits: int, min_split_tokens: int, tile: int):
-    """Host mirror of the kernels' per-sequence layout: (splits in use, tokens per split)."""
-    splits = min(max(cdiv(seq_len, min_split_tokens), 1), max_splits)
-    return splits, cdiv(cdiv(seq_len, splits), tile) * tile

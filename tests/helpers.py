@@ -1,0 +1,73 @@
+"""Random paged-KV problems for the kernel tests: ragged lengths, shuffled tables, NaN in every free slot."""
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class PagedProblem:
+    q: torch.Tensor             # [B, H, D]
+    k_cache: torch.Tensor       # [num_blocks, block_size, H_kv, D]
+    v_cache: torch.Tensor
+    block_tables: torch.Tensor  # int32 [B, max_blocks_per_seq]
+    seq_lens: torch.Tensor      # int32 [B]
+    k_rows: list                # per sequence [L_b, H_kv, D]: the logical K the pages must hold
+    v_rows: list
+
+    def args(self):
+        return self.q, self.k_cache, self.v_cache, self.block_tables, self.seq_lens
+
+
+def make_problem(lens, *, num_heads=4, num_kv_heads=4, head_dim=64, block_size=16, dtype=torch.float32,
+                 device="cpu", spare_blocks=3, extra_table_cols=1, generator=None) -> PagedProblem:
+    """Pages for sequences of the given lengths, scattered over a shuffled pool.
+
+    Free slots (the tail of each last block, unused blocks) hold NaN so that any read past
+    seq_len shows up in the output. Table entries past a sequence's last block hold junk ids.
+    """
+    g = generator or torch.Generator().manual_seed(0)
+    blocks_per_seq = [-(-n // block_size) for n in lens]
+    num_blocks = sum(blocks_per_seq) + spare_blocks
+    max_blocks = max(blocks_per_seq) + extra_table_cols
+    perm = torch.randperm(num_blocks, generator=g).tolist()
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k_cache = torch.full(shape, float("nan"), dtype=dtype)
+    v_cache = torch.full(shape, float("nan"), dtype=dtype)
+    # junk beyond each sequence's blocks: out-of-range ids a kernel must never follow
+    tables = torch.full((len(lens), max_blocks), num_blocks + 1000, dtype=torch.int32)
+    k_rows, v_rows = [], []
+    for b, n in enumerate(lens):
+        ids = [perm.pop() for _ in range(blocks_per_seq[b])]
+        tables[b, :len(ids)] = torch.tensor(ids, dtype=torch.int32)
+        k = torch.randn(n, num_kv_heads, head_dim, generator=g).to(dtype)
+        v = torch.randn(n, num_kv_heads, head_dim, generator=g).to(dtype)
+        for pos in range(n):
+            k_cache[ids[pos // block_size], pos % block_size] = k[pos]
+            v_cache[ids[pos // block_size], pos % block_size] = v[pos]
+        k_rows.append(k.to(device))
+        v_rows.append(v.to(device))
+    q = torch.randn(len(lens), num_heads, head_dim, generator=g).to(dtype)
+    return PagedProblem(q.to(device), k_cache.to(device), v_cache.to(device), tables.to(device),
+                        torch.tensor(lens, dtype=torch.int32, device=device), k_rows, v_rows)
+
+
+def dense_attention_fp64(q, k_rows, v_rows, scale):
+    """The math, one sequence at a time, in float64: out[b, h] = softmax(scale q k^T) v."""
+    outs = []
+    num_heads = q.shape[1]
+    for b in range(q.shape[0]):
+        k = k_rows[b].double()                      # [L, H_kv, D]
+        v = v_rows[b].double()
+        group = num_heads // k.shape[1]
+        k = k.repeat_interleave(group, dim=1)       # [L, H, D]
+        v = v.repeat_interleave(group, dim=1)
+        scores = torch.einsum("hd,lhd->hl", q[b].double(), k) * scale
+        outs.append(torch.einsum("hl,lhd->hd", torch.softmax(scores, dim=-1), v))
+    return torch.stack(outs)
+
+
+def nan_output(q):
+    return torch.full_like(q, float("nan"))
+
+
+TOLERANCE = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float64: 1e-10}

@@ -1,0 +1,151 @@
+"""Every kernel backend against the reference: dtypes, head dims, block sizes, splits, GQA, ragged lengths."""
+import pytest
+import torch
+
+import kvkernels
+from kvkernels import reference, triton_decode
+from kvkernels._validate import check_decode_inputs
+from conftest import DEVICE, kernel_backends
+from helpers import TOLERANCE, make_problem, nan_output
+
+BACKENDS = kernel_backends()
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+HEAD_DIMS = [32, 64, 80, 96, 128, 256]
+BLOCK_SIZES = [8, 16, 32, 64]
+
+
+def check_against_reference(p, out, scale=None):
+    assert not out.isnan().any(), "output has unwritten (NaN) elements or read a free slot"
+    expected = reference.paged_decode_attention(*p.args(), scale=scale)
+    tol = TOLERANCE[p.q.dtype]
+    torch.testing.assert_close(out.float(), expected.float(), rtol=tol, atol=tol)
+
+
+def run_backend(p, backend, **kw):
+    out = nan_output(p.q)
+    result = kvkernels.paged_decode_attention(*p.args(), backend=backend, out=out, **kw)
+    assert result is out
+    return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+def test_dtypes_and_head_dims(backend, dtype, head_dim):
+    p = make_problem([1, 23, 40], num_heads=2, num_kv_heads=2, head_dim=head_dim, dtype=dtype, device=DEVICE)
+    check_against_reference(p, run_backend(p, backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+def test_block_boundaries(backend, block_size):
+    lens = [1, block_size - 1, block_size, block_size + 1, 2 * block_size, 2 * block_size + 1]
+    p = make_problem(lens, num_heads=2, num_kv_heads=1, head_dim=32, block_size=block_size, device=DEVICE)
+    check_against_reference(p, run_backend(p, backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("heads", [(8, 2), (6, 1), (6, 2), (12, 3)], ids=["gqa4", "mqa", "gqa3", "gqa4x3"])
+def test_grouped_query_heads(backend, heads):
+    p = make_problem([9, 70], num_heads=heads[0], num_kv_heads=heads[1], head_dim=64, dtype=torch.float16,
+                     device=DEVICE)
+    check_against_reference(p, run_backend(p, backend, scale=0.3), scale=0.3)
+
+
+def split_tile(head_dim=64, group=1):
+    return triton_decode._tile_tokens(group, head_dim)
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 3, 5])
+def test_triton_split_k_matches_reference(num_splits, monkeypatch):
+    """Forced split counts at lengths around partition edges; partial buffers start as NaN."""
+    tile = split_tile()
+    lens = [1, tile - 1, tile, tile + 1, 3 * tile - 1, 3 * tile + 1, 5 * tile]
+    p = make_problem(lens, num_heads=2, num_kv_heads=2, head_dim=64, dtype=torch.float16, device=DEVICE)
+    real_empty = torch.empty
+
+    def nan_empty(*size, **kw):  # poison the fp32 partial buffers: unwritten slots must never be merged
+        t = real_empty(*size, **kw)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+    shape = check_decode_inputs(*p.args())
+    out = nan_output(p.q)
+    triton_decode.paged_decode_attention(*p.args(), shape, 64 ** -0.5, out, num_splits=num_splits,
+                                         min_split_tokens=tile)
+    check_against_reference(p, out)
+
+
+def test_triton_default_split_heuristic_splits_long_contexts():
+    """With the heuristic's own choice (several splits for one long sequence) the result still matches."""
+    p = make_problem([700, 3], num_heads=1, num_kv_heads=1, head_dim=32, block_size=32, device=DEVICE)
+    shape = check_decode_inputs(*p.args())
+    assert kvkernels.split.choose_num_splits(2, 1, shape.max_blocks_per_seq * 32, kvkernels.split.num_sms(DEVICE)) > 1
+    check_against_reference(p, run_backend(p, "triton"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_query_and_fresh_draws(backend):
+    """q as a view into a wider projection (as attention code produces), several independent draws."""
+    for seed in range(3):
+        p = make_problem([5, 17, 31], num_heads=4, num_kv_heads=4, head_dim=32, device=DEVICE,
+                         generator=torch.Generator().manual_seed(100 + seed))
+        wide = torch.randn(3, 4, 96, device=DEVICE)
+        wide[..., 32:64] = p.q
+        p.q = wide[..., 32:64]
+        check_against_reference(p, run_backend(p, backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch(backend):
+    p = make_problem([4], head_dim=32, device=DEVICE)
+    out = kvkernels.paged_decode_attention(p.q[:0], p.k_cache, p.v_cache, p.block_tables[:0], p.seq_lens[:0],
+                                           backend=backend)
+    assert out.shape == (0, 4, 32)
+
+
+@pytest.mark.gpu
+def test_large_pool_needs_64_bit_offsets():
+    """A pool of more than 2**31 elements: block ids past the int32 range of block_id * stride."""
+    num_blocks, block_size, heads, dim = 2**31 // (16 * 1 * 64) + 64, 16, 1, 64
+    k_cache = torch.empty(num_blocks, block_size, heads, dim, dtype=torch.float16, device="cuda")
+    v_cache = torch.empty_like(k_cache)
+    assert k_cache.numel() > 2**31
+    tables = torch.tensor([[num_blocks - 1, 3, num_blocks - 2], [num_blocks - 5, 0, 0]], dtype=torch.int32,
+                          device="cuda")
+    for table in tables.tolist():
+        for block in table:
+            k_cache[block].normal_()
+            v_cache[block].normal_()
+    q = torch.randn(2, heads, dim, dtype=torch.float16, device="cuda")
+    lens = torch.tensor([40, 16], dtype=torch.int32, device="cuda")
+    expected = reference.paged_decode_attention(q, k_cache, v_cache, tables, lens)
+    for backend in BACKENDS[1:]:
+        out = kvkernels.paged_decode_attention(q, k_cache, v_cache, tables, lens, backend=backend,
+                                               out=nan_output(q))
+        torch.testing.assert_close(out, expected, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", BACKENDS[1:])
+def test_cuda_graph_replay_follows_new_lengths_and_tables(backend):
+    """Capture once; permute the tables, shorten the lengths and redraw q in place; replays equal eager."""
+    p = make_problem([300, 7, 64], num_heads=4, num_kv_heads=2, head_dim=64, dtype=torch.float16, device="cuda")
+    tables0, lens0 = p.block_tables.clone(), p.seq_lens.clone()
+    out = nan_output(p.q)
+    kw = dict(backend=backend, validate=False, out=out)
+    kvkernels.paged_decode_attention(*p.args(), **kw)  # compile / warm up outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        kvkernels.paged_decode_attention(*p.args(), **kw)
+    # each row keeps a table that covers its new length
+    for perm, lens in [([2, 0, 1], [61, 250, 7]), ([1, 2, 0], [1, 33, 17]), ([0, 1, 2], [300, 7, 64])]:
+        p.block_tables.copy_(tables0[perm])
+        p.seq_lens.copy_(torch.tensor(lens, dtype=torch.int32))
+        assert (p.seq_lens <= lens0[perm]).all()
+        p.q.normal_()
+        out.fill_(float("nan"))
+        graph.replay()
+        expected = kvkernels.paged_decode_attention(*p.args(), backend=backend)
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
