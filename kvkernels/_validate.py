@@ -37,6 +37,32 @@ def _require_last_dim_contiguous(name, x):
         raise ValueError(f"{name} must be contiguous in its last (head_dim) dimension, got strides {tuple(x.stride())}")
 
 
+def _require_dtype(named, dtype, like):
+    for name, x in named:
+        if x.dtype != dtype:
+            raise TypeError(f"{name} has dtype {x.dtype} but {like} has {dtype}; they must match")
+
+
+def _require_supported(name, x, dtypes):
+    if x.dtype not in dtypes:
+        raise TypeError(f"{name} has dtype {x.dtype}; supported: {', '.join(str(d) for d in dtypes)}")
+
+
+def _require_index_dtype(name, x, dtype):
+    if x.dtype != dtype:
+        raise TypeError(f"{name} must be {str(dtype).removeprefix('torch.')}, got {x.dtype}")
+
+
+def _require_cache_pair(k_cache, v_cache):
+    if k_cache.dim() != 4:
+        raise ValueError(f"k_cache must be [num_blocks, block_size, num_kv_heads, head_dim], "
+                         f"got shape {tuple(k_cache.shape)}")
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"v_cache has shape {tuple(v_cache.shape)} but k_cache has {tuple(k_cache.shape)}")
+    for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
+        _require_last_dim_contiguous(name, x)
+
+
 def check_decode_inputs(q, k_cache, v_cache, block_tables, seq_lens, dtypes=KERNEL_DTYPES) -> DecodeShape:
     """Checks types, dtypes, devices and shapes (no device sync). Returns the problem's sizes."""
     for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache),
@@ -44,21 +70,13 @@ def check_decode_inputs(q, k_cache, v_cache, block_tables, seq_lens, dtypes=KERN
         _require_tensor(name, x)
     _require_same_device({"q": q, "k_cache": k_cache, "v_cache": v_cache,
                           "block_tables": block_tables, "seq_lens": seq_lens})
-    if q.dtype not in dtypes:
-        raise TypeError(f"q has dtype {q.dtype}; supported: {', '.join(str(d) for d in dtypes)}")
-    for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if x.dtype != q.dtype:
-            raise TypeError(f"{name} has dtype {x.dtype} but q has {q.dtype}; they must match")
-    if block_tables.dtype != torch.int32:
-        raise TypeError(f"block_tables must be int32, got {block_tables.dtype}")
-    if seq_lens.dtype != torch.int32:
-        raise TypeError(f"seq_lens must be int32, got {seq_lens.dtype}")
+    _require_supported("q", q, dtypes)
+    _require_dtype((("k_cache", k_cache), ("v_cache", v_cache)), q.dtype, "q")
+    _require_index_dtype("block_tables", block_tables, torch.int32)
+    _require_index_dtype("seq_lens", seq_lens, torch.int32)
     if q.dim() != 3:
         raise ValueError(f"q must be [batch, num_heads, head_dim], got shape {tuple(q.shape)}")
-    if k_cache.dim() != 4:
-        raise ValueError(f"k_cache must be [num_blocks, block_size, num_kv_heads, head_dim], got shape {tuple(k_cache.shape)}")
-    if v_cache.shape != k_cache.shape:
-        raise ValueError(f"v_cache has shape {tuple(v_cache.shape)} but k_cache has {tuple(k_cache.shape)}")
+    _require_cache_pair(k_cache, v_cache)
     batch, num_heads, head_dim = q.shape
     num_blocks, block_size, num_kv_heads, cache_head_dim = k_cache.shape
     if cache_head_dim != head_dim:
@@ -71,8 +89,6 @@ def check_decode_inputs(q, k_cache, v_cache, block_tables, seq_lens, dtypes=KERN
         raise ValueError(f"seq_lens must be [batch={batch}], got shape {tuple(seq_lens.shape)}")
     if block_size == 0 or num_blocks == 0 or head_dim == 0:
         raise ValueError(f"k_cache has an empty dimension: shape {tuple(k_cache.shape)}")
-    for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-        _require_last_dim_contiguous(name, x)
     return DecodeShape(batch, num_heads, num_kv_heads, head_dim, num_blocks, block_size, block_tables.shape[1])
 
 
@@ -106,17 +122,10 @@ def check_write_inputs(k, v, k_cache, v_cache, slot_mapping, dtypes=KERNEL_DTYPE
     for name, x in (("k", k), ("v", v), ("k_cache", k_cache), ("v_cache", v_cache), ("slot_mapping", slot_mapping)):
         _require_tensor(name, x)
     _require_same_device({"k": k, "v": v, "k_cache": k_cache, "v_cache": v_cache, "slot_mapping": slot_mapping})
-    if k_cache.dtype not in dtypes:
-        raise TypeError(f"k_cache has dtype {k_cache.dtype}; supported: {', '.join(str(d) for d in dtypes)}")
-    for name, x in (("k", k), ("v", v), ("v_cache", v_cache)):
-        if x.dtype != k_cache.dtype:
-            raise TypeError(f"{name} has dtype {x.dtype} but k_cache has {k_cache.dtype}; they must match")
-    if slot_mapping.dtype != torch.int64:
-        raise TypeError(f"slot_mapping must be int64, got {slot_mapping.dtype}")
-    if k_cache.dim() != 4:
-        raise ValueError(f"k_cache must be [num_blocks, block_size, num_kv_heads, head_dim], got shape {tuple(k_cache.shape)}")
-    if v_cache.shape != k_cache.shape:
-        raise ValueError(f"v_cache has shape {tuple(v_cache.shape)} but k_cache has {tuple(k_cache.shape)}")
+    _require_supported("k_cache", k_cache, dtypes)
+    _require_dtype((("k", k), ("v", v), ("v_cache", v_cache)), k_cache.dtype, "k_cache")
+    _require_index_dtype("slot_mapping", slot_mapping, torch.int64)
+    _require_cache_pair(k_cache, v_cache)
     head_shape = tuple(k_cache.shape[2:])
     if k.dim() != 3 or tuple(k.shape[1:]) != head_shape:
         raise ValueError(f"k must be [num_tokens, {head_shape[0]}, {head_shape[1]}], got shape {tuple(k.shape)}")
@@ -124,8 +133,6 @@ def check_write_inputs(k, v, k_cache, v_cache, slot_mapping, dtypes=KERNEL_DTYPE
         raise ValueError(f"v has shape {tuple(v.shape)} but k has {tuple(k.shape)}")
     if slot_mapping.shape != (k.shape[0],):
         raise ValueError(f"slot_mapping must be [num_tokens={k.shape[0]}], got shape {tuple(slot_mapping.shape)}")
-    for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
-        _require_last_dim_contiguous(name, x)
     return k.shape[0], k_cache.shape[0] * k_cache.shape[1]
 
 

@@ -10,6 +10,11 @@ from ._validate import check_decode_inputs, check_decode_values, check_slot_valu
 BACKENDS = ("auto", "triton", "cuda", "torch")
 
 
+def _unit_stride(x):
+    """The kernels index the last dim (and 1-D index tensors) with unit stride; tiny copies otherwise."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
 def triton_available(device: torch.device) -> bool:
     """Triton runs CUDA tensors, or CPU tensors under its interpreter (TRITON_INTERPRET=1)."""
     if importlib.util.find_spec("triton") is None:
@@ -68,6 +73,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, *, scale
     if validate:
         check_decode_values(block_tables, seq_lens, shape)
     scale = shape.head_dim ** -0.5 if scale is None else float(scale)
+    q, block_tables, seq_lens = _unit_stride(q), _unit_stride(block_tables), _unit_stride(seq_lens)
     if backend == "torch":
         out.copy_(reference.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale=scale,
                                                    validate=False))
@@ -94,6 +100,7 @@ def write_kv_cache(k, v, k_cache, v_cache, slot_mapping, *, backend="auto", vali
     backend = resolve_backend(backend, k_cache.device)
     if validate:
         check_slot_values(slot_mapping, num_slots)
+    slot_mapping = _unit_stride(slot_mapping)
     if backend == "torch":
         reference.write_kv_cache(k, v, k_cache, v_cache, slot_mapping, validate=False)
     elif backend == "cuda":

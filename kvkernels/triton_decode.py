@@ -146,7 +146,6 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, shape, s
         partial_lse = torch.empty(batch, num_heads, num_splits, device=q.device, dtype=torch.float32)
     else:
         partial_out = partial_lse = out  # unused: the kernel writes `out` directly
-    q = q.contiguous() if q.stride(-1) != 1 else q
     _paged_decode_kernel[(batch, shape.num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, out, partial_out, partial_lse,
         scale * LOG2_E,

@@ -86,14 +86,27 @@ def test_triton_default_split_heuristic_splits_long_contexts():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_strided_query_and_fresh_draws(backend):
-    """q as a view into a wider projection (as attention code produces), several independent draws."""
+    """q as views (a slice of a fused projection; a transposed copy), several independent draws."""
     for seed in range(3):
         p = make_problem([5, 17, 31], num_heads=4, num_kv_heads=4, head_dim=32, device=DEVICE,
                          generator=torch.Generator().manual_seed(100 + seed))
         wide = torch.randn(3, 4, 96, device=DEVICE)
         wide[..., 32:64] = p.q
-        p.q = wide[..., 32:64]
+        p.q = wide[..., 32:64] if seed < 2 else p.q.transpose(1, 2).contiguous().transpose(1, 2)
         check_against_reference(p, run_backend(p, backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_index_tensors(backend):
+    """Tables and lengths as column / element slices of wider tensors (strides other than 1)."""
+    p = make_problem([3, 29, 18], num_heads=2, num_kv_heads=1, head_dim=32, block_size=8, device=DEVICE)
+    wide_tables = torch.full((3, 2 * p.block_tables.shape[1]), -7, dtype=torch.int32, device=DEVICE)
+    wide_tables[:, ::2] = p.block_tables
+    wide_lens = torch.zeros(6, dtype=torch.int32, device=DEVICE)
+    wide_lens[::2] = p.seq_lens
+    p.block_tables, p.seq_lens = wide_tables[:, ::2], wide_lens[::2]
+    assert p.block_tables.stride(-1) == 2 and p.seq_lens.stride(-1) == 2
+    check_against_reference(p, run_backend(p, backend))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -20,7 +20,8 @@ def test_write_matches_reference(backend, dtype, heads_dim):
     k_cache, v_cache = pool.clone(), pool.clone() + 1
     slots = torch.randperm(num_blocks * block_size, generator=g)[:n]
     slots[[2, 7]] = -1
-    slots = slots.to(DEVICE)
+    slots = torch.stack([slots, slots], dim=1).to(DEVICE)[:, 0]  # a strided view
+    assert slots.stride(0) == 2
     # k and v as views into a fused projection [N, 3, H, D], the way attention layers produce them
     qkv = torch.randn(n, 3, heads, dim, generator=g).to(dtype).to(DEVICE)
     k, v = qkv[:, 1], qkv[:, 2]
