@@ -1,6 +1,7 @@
 """Every kernel backend against the reference: dtypes, head dims, block sizes, splits, GQA, ragged lengths."""
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 import kvkernels
 from kvkernels import reference, triton_decode
@@ -50,6 +51,18 @@ def test_grouped_query_heads(backend, heads):
     p = make_problem([9, 70], num_heads=heads[0], num_kv_heads=heads[1], head_dim=64, dtype=torch.float16,
                      device=DEVICE)
     check_against_reference(p, run_backend(p, backend, scale=0.3), scale=0.3)
+
+
+@settings(max_examples=25, deadline=None)
+@given(lens=st.lists(st.integers(1, 90), min_size=1, max_size=4), block_size=st.sampled_from([4, 8, 16]),
+       group=st.sampled_from([1, 2, 3]), num_splits=st.integers(1, 4), seed=st.integers(0, 2**16))
+def test_triton_random_ragged_batches(lens, block_size, group, num_splits, seed):
+    p = make_problem(lens, num_heads=2 * group, num_kv_heads=2, head_dim=32, block_size=block_size, device=DEVICE,
+                     generator=torch.Generator().manual_seed(seed))
+    out = nan_output(p.q)
+    triton_decode.paged_decode_attention(*p.args(), check_decode_inputs(*p.args()), 32 ** -0.5, out,
+                                         num_splits=num_splits, min_split_tokens=16)
+    check_against_reference(p, out)
 
 
 def split_tile(head_dim=64, group=1):

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from kvkernels import reference
+from kvkernels.split import MIN_SPLIT_TOKENS
 from helpers import dense_attention_fp64, make_problem
 
 BLOCK = 16
@@ -10,6 +11,7 @@ BLOCK = 16
 
 @pytest.mark.parametrize("lens", [
     [1], [BLOCK - 1], [BLOCK], [BLOCK + 1], [1, BLOCK - 1, BLOCK, BLOCK + 1, 3 * BLOCK, 77],
+    [MIN_SPLIT_TOKENS - 1, MIN_SPLIT_TOKENS, MIN_SPLIT_TOKENS + 1, 2 * MIN_SPLIT_TOKENS + 1],
 ])
 @pytest.mark.parametrize("heads", [(4, 4), (8, 2), (6, 1), (6, 2)])
 def test_reference_matches_dense_math(lens, heads):
