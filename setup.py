@@ -14,7 +14,7 @@ if os.environ.get("KVKERNELS_BUILD_CUDA") == "1":
     csrc = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
     sources = sorted(os.path.join("csrc", f) for f in os.listdir(csrc) if f.endswith((".cu", ".cpp")))
     ext_modules = [CUDAExtension("kvkernels._C", sources,
-                                 extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math"]})]
+                                 extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]})]
     cmdclass = {"build_ext": BuildExtension}
 
 setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -1,0 +1,10 @@
+// The fp32 decode kernels: every supported head dim x group tile (one file per dtype so they build in parallel).
+#include "paged_decode.cuh"
+
+namespace kvkernels {
+
+bool launch_paged_decode_fp32(const PagedDecodeParams& params, cudaStream_t stream) {
+  return launch_paged_decode_typed<float>(params, stream);
+}
+
+}  // namespace kvkernels

@@ -1,0 +1,194 @@
+"""The CUDA C++ backend (csrc/): loading, and thin wrappers over its ops.
+
+`load()` imports `kvkernels._C` when it was built ahead of time (`KVKERNELS_BUILD_CUDA=1 pip install -e .`),
+otherwise JIT-builds csrc/ with ninja for the current GPU's architecture (cached between runs in torch's
+extension directory, or in $KVKERNELS_BUILD_DIR). Either way the library registers
+`torch.ops.kvkernels.paged_decode_attention` and `torch.ops.kvkernels.write_kv_cache` (schemas in
+csrc/ops.cpp); this module adds their fake implementations so they trace under torch.compile.
+Without a GPU, nvcc or a working build, `load()` warns once with the reason and returns None.
+"""
+import importlib
+import importlib.util
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+from .split import MIN_SPLIT_TOKENS, choose_num_splits, num_sms
+
+SUPPORTED_HEAD_DIMS = (32, 64, 80, 96, 128, 256)
+MIN_BLOCK_SIZE, MAX_BLOCK_SIZE = 8, 256
+CSRC_DIR = Path(__file__).resolve().parent.parent / "csrc"
+SOURCES = ("ops.cpp", "paged_decode_fp16.cu", "paged_decode_bf16.cu", "paged_decode_fp32.cu", "write_kv.cu")
+_JIT_NAME = "kvkernels_cuda"
+# Shown in the build error's place: ninja's full log is long, its end says what failed.
+_ERROR_TAIL_CHARS = 3000
+
+
+class _LoadState:
+    tried = False
+    module = None  # the loaded extension module, or None
+    reason = ""    # why module is None
+
+
+# A plain module global rather than functools.lru_cache: torch.compile reads it as a constant.
+_state = _LoadState()
+
+
+def load():
+    """The loaded extension module (its ops live under torch.ops.kvkernels), or None if unavailable.
+
+    Tries once per process; on failure warns once, saying why (see `unavailable_reason()`).
+    """
+    if not _state.tried:
+        _state.tried = True
+        module, reason = _load_extension()
+        if module is not None:
+            try:
+                _register_fakes()
+            except Exception as e:  # eager calls would work, torch.compile would not: refuse both, loudly
+                module, reason = None, f"registering the ops' fake implementations failed: {e}"
+        _state.module, _state.reason = module, reason
+        if module is None:
+            warnings.warn(f"kvkernels CUDA backend unavailable: {reason}", RuntimeWarning, stacklevel=2)
+    return _state.module
+
+
+def unavailable_reason() -> str:
+    """Why `load()` returns None ("" when the extension loaded)."""
+    load()
+    return _state.reason
+
+
+def _load_extension():
+    """Returns (module, "") or (None, reason)."""
+    if not torch.cuda.is_available():
+        return None, (f"no CUDA device (torch {torch.__version__}, built with CUDA {torch.version.cuda}, "
+                      "torch.cuda.is_available() is False)")
+    prebuilt_error = ""
+    if importlib.util.find_spec("kvkernels._C") is not None:
+        try:
+            return _with_ops(importlib.import_module("kvkernels._C"))
+        except Exception as e:  # a stale build (other torch or CUDA): fall back to the JIT build
+            prebuilt_error = f"kvkernels._C failed to import ({e}); "
+    module, reason = _jit_build()
+    return module, (prebuilt_error + reason if module is None else "")
+
+
+def _with_ops(module):
+    ops = torch.ops.kvkernels
+    for name in ("paged_decode_attention", "write_kv_cache"):
+        if not hasattr(ops, name):
+            return None, f"{module.__name__} loaded but did not register torch.ops.kvkernels.{name}"
+    return module, ""
+
+
+def _jit_build():
+    missing = [name for name in SOURCES if not (CSRC_DIR / name).is_file()]
+    if missing:
+        return None, (f"the CUDA sources are not at {CSRC_DIR} (missing {', '.join(missing)}); they ship with a "
+                      "source checkout: install it with `pip install -e .`, or build ahead of time with "
+                      "KVKERNELS_BUILD_CUDA=1")
+    from torch.utils import cpp_extension
+
+    if cpp_extension.CUDA_HOME is None:
+        return None, "nvcc was not found: install a CUDA toolkit or set CUDA_HOME to one"
+    if not cpp_extension.is_ninja_available():
+        return None, "ninja was not found: `pip install ninja` to JIT-build the CUDA extension"
+    major, minor = torch.cuda.get_device_capability()
+    arch = f"{major}{minor}"
+    build_dir = os.environ.get("KVKERNELS_BUILD_DIR")
+    if build_dir:
+        os.makedirs(build_dir, exist_ok=True)
+    try:
+        module = cpp_extension.load(
+            name=_JIT_NAME,
+            sources=[str(CSRC_DIR / name) for name in SOURCES],
+            extra_cflags=["-O3", "-std=c++17"],
+            # An explicit -gencode replaces torch's arch list: build for this GPU only.
+            extra_cuda_cflags=["-O3", "-std=c++17", "--use_fast_math", "-lineinfo",
+                               f"-gencode=arch=compute_{arch},code=sm_{arch}"],
+            build_directory=build_dir or None,
+            verbose=os.environ.get("KVKERNELS_VERBOSE_BUILD") == "1",
+        )
+    except Exception as e:  # compiler errors, a missing linker, an unwritable cache directory
+        message = str(e)
+        if len(message) > _ERROR_TAIL_CHARS:
+            message = "..." + message[-_ERROR_TAIL_CHARS:]
+        return None, f"building csrc/ for sm_{arch} failed: {message}"
+    return _with_ops(module)
+
+
+# Fake (meta) implementations for torch.compile: both ops only write into their preallocated `Tensor!`
+# arguments and return nothing. Argument names follow the schemas in csrc/ops.cpp.
+def _decode_fake(q, k_cache, v_cache, block_tables, seq_lens, scale, min_split_tokens, max_splits,
+                 out, partial_out, partial_lse):
+    return None
+
+
+def _write_fake(k, v, k_cache, v_cache, slot_mapping):
+    return None
+
+
+FAKES = {"kvkernels::paged_decode_attention": _decode_fake, "kvkernels::write_kv_cache": _write_fake}
+
+
+def _register_fakes():
+    # Called from this module, which csrc/ops.cpp names with m.set_python_module as the fakes' home.
+    for name, fake in FAKES.items():
+        torch.library.register_fake(name, fake)
+
+
+def _require_loaded():
+    if load() is None:
+        raise RuntimeError(f"kvkernels CUDA backend unavailable: {_state.reason}")
+
+
+def check_supported(head_dim: int, block_size: int) -> None:
+    """Raises ValueError for a head dim or block size the CUDA decode kernel was not compiled for."""
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head_dim {head_dim} is not supported by backend='cuda' (supported: {SUPPORTED_HEAD_DIMS}); "
+                         "use backend='triton'")
+    if not (MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE and block_size & (block_size - 1) == 0):
+        raise ValueError(f"block_size {block_size} is not supported by backend='cuda': it needs a power of two "
+                         f"from {MIN_BLOCK_SIZE} to {MAX_BLOCK_SIZE}")
+
+
+def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, shape, scale, out):
+    """Runs the CUDA decode kernel (and the split merge when splitting) into `out`. Inputs checked by kvkernels.ops.
+
+    Args:
+        q: [B, H, D] fp16 / bf16 / fp32.
+        k_cache, v_cache: [num_blocks, block_size, H_kv, D], q's dtype, last dim contiguous, 16-byte aligned rows.
+        block_tables: int32 [B, max_blocks_per_seq].
+        seq_lens: int32 [B].
+        shape: the `kvkernels._validate.DecodeShape` of these inputs.
+        scale: softmax scale (float).
+        out: [B, H, D] in q's dtype, last dim contiguous; written in place.
+    """
+    _require_loaded()
+    check_supported(shape.head_dim, shape.block_size)
+    if out.numel() == 0:
+        return
+    # Same static maximum as the Triton backend: from the table's capacity, never from seq_lens (no sync).
+    max_splits = choose_num_splits(shape.batch, shape.num_kv_heads, shape.max_blocks_per_seq * shape.block_size,
+                                   num_sms(q.device))
+    if max_splits > 1:
+        partial_out = torch.empty(shape.batch, shape.num_heads, max_splits, shape.head_dim,
+                                  device=q.device, dtype=torch.float32)
+        partial_lse = torch.empty(shape.batch, shape.num_heads, max_splits, device=q.device, dtype=torch.float32)
+    else:  # the kernel writes `out` directly and never touches these (distinct: mutated args must not alias)
+        partial_out = torch.empty(0, device=q.device, dtype=torch.float32)
+        partial_lse = torch.empty(0, device=q.device, dtype=torch.float32)
+    torch.ops.kvkernels.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, float(scale),
+                                               MIN_SPLIT_TOKENS, max_splits, out, partial_out, partial_lse)
+
+
+def write_kv_cache(k, v, k_cache, v_cache, slot_mapping):
+    """Writes k, v [N, H_kv, D] (any strides) into k_cache, v_cache [num_blocks, block_size, H_kv, D] at
+    slot_mapping int64 [N] (-1 skips). Inputs already checked by kvkernels.ops."""
+    _require_loaded()
+    if k.shape[0] == 0:
+        return
+    torch.ops.kvkernels.write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
