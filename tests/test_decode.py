@@ -131,28 +131,6 @@ def test_empty_batch(backend):
 
 
 @pytest.mark.gpu
-def test_large_pool_needs_64_bit_offsets():
-    """A pool of more than 2**31 elements: block ids past the int32 range of block_id * stride."""
-    num_blocks, block_size, heads, dim = 2**31 // (16 * 1 * 64) + 64, 16, 1, 64
-    k_cache = torch.empty(num_blocks, block_size, heads, dim, dtype=torch.float16, device="cuda")
-    v_cache = torch.empty_like(k_cache)
-    assert k_cache.numel() > 2**31
-    tables = torch.tensor([[num_blocks - 1, 3, num_blocks - 2], [num_blocks - 5, 0, 0]], dtype=torch.int32,
-                          device="cuda")
-    for table in tables.tolist():
-        for block in table:
-            k_cache[block].normal_()
-            v_cache[block].normal_()
-    q = torch.randn(2, heads, dim, dtype=torch.float16, device="cuda")
-    lens = torch.tensor([40, 16], dtype=torch.int32, device="cuda")
-    expected = reference.paged_decode_attention(q, k_cache, v_cache, tables, lens)
-    for backend in BACKENDS[1:]:
-        out = kvkernels.paged_decode_attention(q, k_cache, v_cache, tables, lens, backend=backend,
-                                               out=nan_output(q))
-        torch.testing.assert_close(out, expected, rtol=2e-3, atol=2e-3)
-
-
-@pytest.mark.gpu
 @pytest.mark.parametrize("backend", BACKENDS[1:])
 def test_cuda_graph_replay_follows_new_lengths_and_tables(backend):
     """Capture once; permute the tables, shorten the lengths and redraw q in place; replays equal eager."""
