@@ -159,6 +159,31 @@ def write_json(path: Path, payload: dict) -> Path:
     return path
 
 
+def load_for_append(path: Path, env: dict, settings: dict) -> dict | None:
+    """The earlier result an --append run adds rows to (None if there is none yet).
+
+    Rows from separate invocations may share one table only when device, software and settings match.
+    """
+    if not path.exists():
+        return None
+    previous = json.loads(path.read_text())
+    for key in ("device", "torch", "triton", "transformers"):
+        if previous["environment"].get(key) != env[key]:
+            raise SystemExit(f"--append: {path} was measured with {key} {previous['environment'].get(key)!r}, "
+                             f"this run has {env[key]!r}; write to another --out or --name")
+    for key, value in settings.items():
+        if previous.get("settings", {}).get(key) != value:
+            raise SystemExit(f"--append: {path} used {key}={previous.get('settings', {}).get(key)!r}, "
+                             f"this run {value!r}")
+    return previous
+
+
+def merge_rows(previous, new, key) -> list:
+    """Earlier rows, minus those this run measured again, then this run's rows."""
+    fresh = {key(r) for r in new}
+    return [r for r in previous if key(r) not in fresh] + list(new)
+
+
 def markdown_table(headers, rows) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]

@@ -1,0 +1,238 @@
+"""GPT-2 models with random weights, and the generation modes that bench.generate and bench.seeds compare.
+
+A mode is a context manager: entering it prepares the model (patching, a persistent batching manager),
+the value it yields generates `new_tokens` tokens for a prompt batch, and leaving it restores the model.
+    with MODES["hf_dynamic"](model) as generate:
+        new_tokens = generate(prompt, 500)          # LongTensor [B, 500] on the CPU
+"""
+import contextlib
+import functools
+import inspect
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel
+from transformers.generation.streamers import BaseStreamer
+
+from .common import synchronize
+
+# GPT2Config equivalents of the Hub checkpoints (vocab 50257, 1024 positions); "tiny" is for --quick.
+GPT2_SHAPES = {
+    "distilgpt2": {"n_layer": 6, "n_head": 12, "n_embd": 768},
+    "124M": {"n_layer": 12, "n_head": 12, "n_embd": 768},
+    "355M": {"n_layer": 24, "n_head": 16, "n_embd": 1024},
+    "tiny": {"n_layer": 2, "n_head": 2, "n_embd": 64, "vocab_size": 512, "n_positions": 256, "bos_token_id": 1,
+             "eos_token_id": 1},
+}
+HUB_NAMES = {"gpt2": "124M", "gpt2-medium": "355M", "distilgpt2": "distilgpt2"}
+
+
+def build_model(name: str, dtype, device, *, seed: int = 0) -> GPT2LMHeadModel:
+    """A GPT-2 of a named shape with random weights, or a local checkpoint directory."""
+    if os.path.isdir(name):
+        model = GPT2LMHeadModel.from_pretrained(name, dtype=dtype).to(device)
+    else:
+        shape = GPT2_SHAPES[HUB_NAMES.get(name, name)]
+        torch.manual_seed(seed)
+        with torch.device(device):
+            model = GPT2LMHeadModel(GPT2Config(**shape))
+        model = model.to(dtype)
+    # Random weights may emit the EOS id at any step: never stop early, so every mode and every
+    # repeat generates exactly the requested number of tokens.
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model.eval()
+
+
+def weight_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+@dataclass
+class Prompt:
+    ids: torch.Tensor           # int64 [B, P] random token ids (never all one id)
+    attention_mask: torch.Tensor
+
+
+def random_prompt(batch: int, length: int, vocab_size: int, device, *, seed: int = 0) -> Prompt:
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab_size, (batch, length), generator=generator).to(device)
+    return Prompt(ids, torch.ones_like(ids))
+
+
+class TokenClock(BaseStreamer):
+    """An HF streamer that timestamps every token it receives, after draining the device.
+
+    The synchronisation it adds per token is the cost of measuring: HF's own loop already syncs
+    once per step (its stopping check), kvkernels.generate's CUDA-graph loop otherwise would not.
+    """
+
+    def __init__(self, device):
+        self.device = device
+        self.stamps = []
+
+    def put(self, value):
+        synchronize(self.device)
+        self.stamps.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+
+# Puts closer together than this arrived in one burst: kvkernels.generate hands the streamer its tokens
+# every EOS_CHECK_EVERY (16) steps on CUDA, where a decode step alone takes far longer than this.
+BURST_GAP_S = 100e-6
+
+
+def token_gaps_ms(stamps, new_tokens: int) -> list:
+    """[new_tokens - 1] ms from each generated token to the next, None where the stream cannot tell.
+
+    The last `new_tokens` stamps are the tokens (HF streamers also receive the prompt first). A burst of
+    tokens shares its time evenly; the first burst also holds the prefill, so its gaps are unknown (None).
+    """
+    if len(stamps) < new_tokens:
+        raise RuntimeError(f"the streamer saw {len(stamps)} puts for {new_tokens} new tokens")
+    stamps = list(stamps[-new_tokens:])
+    starts = [0] + [i for i in range(1, new_tokens) if stamps[i] - stamps[i - 1] >= BURST_GAP_S] + [new_tokens]
+    gaps = [None] * (starts[1] - 1)
+    for first, end in zip(starts[1:], starts[2:]):
+        share = (stamps[end - 1] - stamps[first - 1]) * 1e3 / (end - first)
+        gaps += [share] * (end - first)
+    return gaps
+
+
+def _new_tokens(out, prompt: Prompt, new_tokens: int) -> torch.Tensor:
+    """[B, new_tokens] on the CPU from a generate() result holding the prompt (or only the new tokens)."""
+    out = out.sequences if hasattr(out, "sequences") else out
+    batch, prompt_len = prompt.ids.shape
+    if out.shape == (batch, prompt_len + new_tokens):
+        return out[:, prompt_len:].cpu()
+    if out.shape == (batch, new_tokens):
+        return out.cpu()
+    raise RuntimeError(f"expected {new_tokens} new tokens for a [{batch}, {prompt_len}] prompt, got output shape "
+                       f"{tuple(out.shape)}")
+
+
+def _sampling_kwargs(sampling):
+    return {"do_sample": False} if not sampling else {"do_sample": True, **sampling}
+
+
+# -- modes -------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def hf_generate(model, prompt=None, new_tokens=None, *, use_cache=True, cache_implementation=None):
+    """model.generate: no cache, HF's DynamicCache, or its StaticCache (auto torch.compile on CUDA)."""
+    if cache_implementation == "static" and model.device.type == "cuda":
+        # Every model of a run shares GPT-2's forward code object: without a reset, dynamo's recompile
+        # limit would silently leave later configurations uncompiled.
+        torch._dynamo.reset()
+    def run(prompt: Prompt, new_tokens: int, clock=None, sampling=None):
+        extra = {"cache_implementation": cache_implementation} if cache_implementation else {}
+        out = model.generate(prompt.ids, attention_mask=prompt.attention_mask, max_new_tokens=new_tokens,
+                             use_cache=use_cache, streamer=clock, **_sampling_kwargs(sampling), **extra)
+        return _new_tokens(out, prompt, new_tokens)
+    yield run
+
+
+def _batching_config(prompt: Prompt, new_tokens: int):
+    """A continuous-batching cache sized for this workload, as kvkernels sizes its pool.
+
+    HF's default sizes the cache from free memory (most of the GPU; ~7 GB of RAM on a CPU), which would
+    make its peak-memory column meaningless and costs seconds of allocation per manager.
+    """
+    from transformers.generation import ContinuousBatchingConfig
+    batch, prompt_len = prompt.ids.shape
+    page = ContinuousBatchingConfig().page_size
+    return ContinuousBatchingConfig(num_blocks=batch * -(-(prompt_len + new_tokens) // page) + batch,
+                                    max_batch_tokens=max(256, batch * prompt_len))
+
+
+@contextlib.contextmanager
+def hf_generate_batch(model, prompt: Prompt, new_tokens: int):
+    """model.generate_batch: HF's paged continuous batching, one manager kept across calls (as a server would)."""
+    logging.getLogger("ContinuousBatchingLogger").setLevel(logging.ERROR)
+    params = inspect.signature(model.generate_batch).parameters
+    options = {"persistent_manager": True, "continuous_batching_config": _batching_config(prompt, new_tokens),
+               "progress_bar": False}
+    if "warmup" in params:  # pre-captures CUDA graphs: worth it on a GPU, nothing to capture on a CPU
+        options["warmup"] = model.device.type == "cuda"
+    options = {k: v for k, v in options.items() if k in params}
+
+    def run(prompt: Prompt, new_tokens: int, clock=None, sampling=None):
+        config = GenerationConfig(max_new_tokens=new_tokens, pad_token_id=0, **_sampling_kwargs(sampling))
+        timed = clock is not None and "record_timestamps" in params
+        results = model.generate_batch(inputs=prompt.ids.tolist(), generation_config=config,
+                                       **({"record_timestamps": True} if timed else {}), **options)
+        outputs = list(results.values())  # generate_batch returns them in input order
+        errors = [o.error for o in outputs if getattr(o, "error", None)]
+        if len(outputs) != prompt.ids.shape[0] or errors:
+            raise RuntimeError(f"generate_batch returned {len(outputs)} of {prompt.ids.shape[0]} requests; "
+                               f"errors: {errors[:2]}")
+        if timed:
+            # The batch's token i exists once every request has produced it.
+            clock.stamps = [max(stamps) for stamps in zip(*(o.timestamps for o in outputs))]
+        elif clock is not None:
+            raise RuntimeError("this transformers version's generate_batch cannot record per-token timestamps")
+        return _new_tokens(torch.tensor([o.generated_tokens for o in outputs]), prompt, new_tokens)
+
+    try:
+        yield run
+    finally:
+        if hasattr(model, "destroy_cached_continuous_batching_manager"):
+            model.destroy_cached_continuous_batching_manager()
+
+
+@contextlib.contextmanager
+def kvkernels_patch(model, prompt=None, new_tokens=None, *, backend):
+    """kvkernels.patch(model, backend=...) then plain model.generate; unpatched on the way out."""
+    import kvkernels
+    kvkernels.patch(model, backend=backend)
+    try:
+        with hf_generate(model) as run:
+            yield run
+    finally:
+        kvkernels.unpatch(model)
+
+
+@contextlib.contextmanager
+def kvkernels_generate(model, prompt=None, new_tokens=None, *, backend):
+    """kvkernels.generate: its own prefill + CUDA-graph decode loop over the paged cache."""
+    import kvkernels
+    params = inspect.signature(kvkernels.generate).parameters
+    # The backend is a generate() argument if it takes one, else the one the model was patched with.
+    patch_first = "backend" not in params
+    if patch_first:
+        kvkernels.patch(model, backend=backend)
+    try:
+        def run(prompt: Prompt, new_tokens: int, clock=None, sampling=None):
+            kwargs = dict(max_new_tokens=new_tokens, **_sampling_kwargs(sampling))
+            if not patch_first:
+                kwargs["backend"] = backend
+            if "cuda_graph" in params:
+                kwargs["cuda_graph"] = model.device.type == "cuda"
+            if clock is not None:
+                kwargs["streamer"] = clock
+            out = kvkernels.generate(model, prompt.ids, prompt.attention_mask, **kwargs)
+            return _new_tokens(out, prompt, new_tokens)
+        yield run
+    finally:
+        if patch_first:
+            kvkernels.unpatch(model)
+
+
+def mode_table(backends) -> dict:
+    """Mode name -> (context-manager factory(model, prompt, new_tokens), whether it keeps a KV cache)."""
+    modes = {
+        "hf_no_cache": (functools.partial(hf_generate, use_cache=False), False),
+        "hf_dynamic": (hf_generate, True),
+        "hf_static": (functools.partial(hf_generate, cache_implementation="static"), True),
+        "hf_generate_batch": (hf_generate_batch, True),
+    }
+    for backend in backends:
+        modes[f"kvk_patch[{backend}]"] = (functools.partial(kvkernels_patch, backend=backend), True)
+    for backend in backends:
+        modes[f"kvk_generate[{backend}]"] = (functools.partial(kvkernels_generate, backend=backend), True)
+    return modes

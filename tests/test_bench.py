@@ -1,0 +1,220 @@
+"""The benchmark harness's --quick smoke runs (CPU, tiny shapes) and the helpers they rest on.
+
+Each entry point runs once per session into a temp folder; the tests then read what it wrote: every
+measurement real and positive, correctness checks passed, failed modes carrying their error, PNGs valid.
+"""
+import json
+import math
+import re
+from pathlib import Path
+
+import matplotlib.image
+import pytest
+import torch
+
+from bench import generate, kernels, seeds
+from bench.models import BURST_GAP_S, build_model, hf_generate, random_prompt, token_gaps_ms
+
+SEEDS_DIR = Path(__file__).resolve().parents[2] / "shared" / "seeds"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def assert_valid_png(path):
+    path = Path(path)
+    assert path.read_bytes()[:8] == PNG_MAGIC, path
+    height, width = matplotlib.image.imread(path).shape[:2]
+    assert height > 100 and width > 100, (path, height, width)
+
+
+def assert_environment(env):
+    for key in ("device", "torch", "triton", "transformers", "date_utc", "git_commit"):
+        assert env[key], key
+    assert env["torch"] == torch.__version__
+
+
+@pytest.fixture(scope="module")
+def kernels_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("kernels")
+    return kernels.main(["--quick", "--out", str(out), "--no-progress"]), out
+
+
+@pytest.fixture(scope="module")
+def generate_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("generate")
+    return generate.main(["--quick", "--out", str(out), "--no-progress"]), out
+
+
+@pytest.fixture(scope="module")
+def seeds_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("seeds")
+    return seeds.main(["--quick", "--out", str(out), "--no-progress"]), out
+
+
+@pytest.mark.parametrize("module", [kernels, generate, seeds])
+def test_help(module, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert f"python -m {module.__name__}" in text and "--quick" in text and "--out" in text
+
+
+# -- bench.kernels --------------------------------------------------------------------------------
+
+def test_kernels_quick_outputs(kernels_run):
+    result, out = kernels_run
+    saved = json.loads((out / "kernels.json").read_text())
+    assert_environment(saved["environment"])
+    grid = kernels.QUICK_GRID
+    assert len(saved["points"]) == (len(grid.batches) * len(grid.contexts) * len(grid.dtypes) * len(grid.block_sizes)
+                                    * len(grid.shapes))
+    assert saved["copy_bandwidth"]["gbps"] > 0
+    for point in saved["points"]:
+        shape = kernels.SHAPES[point["shape"]]
+        assert point["kv_bytes"] == point["batch"] * point["context"] * shape.num_kv_heads * shape.head_dim * 2 * 2
+        for name in ("triton", "torch", "sdpa"):  # run on every machine
+            cell = point["columns"][name]
+            assert cell["status"] == "ok", (point["shape"], point["batch"], point["context"], name, cell)
+            assert cell["us"] > 0 and cell["gbps"] > 0 and cell["pct_copy"] > 0
+            assert cell["check"] and math.isfinite(cell["max_abs_err"]) and cell["max_abs_err"] <= cell["tolerance"]
+        cuda = point["columns"]["cuda"]
+        assert cuda["status"] == "ok" or (cuda["status"] in ("unavailable", "failed") and cuda["error"])
+    markdown = (out / "kernels.md").read_text()
+    assert "Issue-2 targets" in markdown and "kvkernels triton" in markdown and "torch SDPA" in markdown
+    assert result["plots"]
+    for path in result["plots"]:
+        assert_valid_png(path)
+
+
+def test_kernel_inputs_are_shuffled_and_poisoned():
+    shape = kernels.SHAPES["gpt2"]
+    q, k_pool, v_pool, tables, lens, k_dense, v_dense = kernels.make_inputs(shape, 3, 40, torch.float32, 16, "cpu")
+    used = tables.flatten().long()
+    assert used.unique().numel() == used.numel()                                    # each block owned once
+    assert not torch.equal(used, torch.arange(used.numel()))                        # not the identity layout
+    spare = torch.ones(k_pool.shape[0], dtype=torch.bool)
+    spare[used] = False
+    assert spare.any() and k_pool[spare].isnan().all() and v_pool[spare].isnan().all()
+    assert k_pool[tables[:, -1].long(), 40 % 16:].isnan().all()                      # the unused tail of last pages
+    assert k_dense.isfinite().all() and (k_dense != 0).any() and q.isfinite().all()
+    # The contiguous copy holds the same tokens as the pages, in [B, H_kv, L, D].
+    b, token = 2, 37
+    page, slot = tables[b, token // 16].long(), token % 16
+    torch.testing.assert_close(k_dense[b, :, token], k_pool[page, slot])
+    torch.testing.assert_close(v_dense[b, :, token], v_pool[page, slot])
+
+
+# -- bench.generate -------------------------------------------------------------------------------
+
+def test_generate_quick_outputs(generate_run):
+    result, out = generate_run
+    saved = json.loads((out / "generate.json").read_text())
+    assert_environment(saved["environment"])
+    config = generate.QUICK_CONFIG
+    modes = generate.mode_table(config.backends)
+    assert len(saved["runs"]) == len(config.models) * len(config.dtypes) * len(config.batches) * len(modes)
+    for run in saved["runs"]:
+        if run["status"] != "ok":
+            assert run["status"] == "failed" and run["error"], run
+            continue
+        assert run["seconds"]["min"] > 0 and run["tokens_per_s"]["median"] > 0 and run["warmup_s"] > 0
+        assert run["ttft_ms"]["median"] > 0
+        gaps = run["per_token_ms"]
+        assert len(gaps) == config.new_tokens - 1 and all(g is not None and g > 0 for g in gaps)  # CPU: per token
+        assert run["repeats_identical"]
+    by_mode = {(r["mode"], r["batch"]): r for r in saved["runs"]}
+    for mode in ("hf_no_cache", "hf_dynamic", "hf_static", "hf_generate_batch"):
+        for batch in config.batches:
+            assert by_mode[mode, batch]["status"] == "ok", by_mode[mode, batch]
+    for batch in config.batches:   # no GPU here: the CUDA backend's modes fail, and say why
+        assert "cuda" in by_mode["kvk_patch[cuda]", batch]["error"].lower()
+    summary = saved["greedy_check_summary"]
+    assert summary["performed"] and summary["passed"], saved["greedy_check"]
+    compared = {(r["mode"], r["batch"]) for r in saved["greedy_check"] if r["identical"] is not None}
+    ran = {(r["mode"], r["batch"]) for r in saved["runs"] if r["status"] == "ok" and r["mode"] != "hf_dynamic"}
+    assert compared == ran
+    markdown = (out / "generate.md").read_text()
+    assert "Greedy check (fp32" in markdown and "PASSED" in markdown and "hf_generate_batch" in markdown
+    assert len(result["plots"]) == 2
+    for path in result["plots"]:
+        assert_valid_png(path)
+
+
+def test_greedy_check_reports_the_first_difference_and_its_margin():
+    model = build_model("tiny", torch.float32, "cpu")
+    prompt = random_prompt(2, 4, model.config.vocab_size, "cpu")
+    with hf_generate(model) as run:
+        reference = run(prompt, 5)
+    changed = reference.clone()
+    changed[1, 3] = (changed[1, 3] + 1) % model.config.vocab_size
+    row = {"model": "tiny", "batch": 2, "status": "ok", "cached": True}
+    group = [dict(row, mode="hf_dynamic", tokens=reference), dict(row, mode="same", tokens=reference.clone()),
+             dict(row, mode="changed", tokens=changed), dict(row, mode="broken", status="failed", tokens=None)]
+    checks = {c["mode"]: c for c in generate.greedy_check(group, model, prompt)}
+    assert checks["same"]["identical"] and checks["same"]["verdict"] == "identical"
+    assert checks["changed"]["identical"] is False
+    assert checks["changed"]["first_difference"] == {"sequence": 1, "token": 3}
+    assert "logit margin" in checks["changed"]["verdict"] and checks["changed"]["near_tie"] is not None
+    assert checks["broken"]["identical"] is None
+    summary = generate.check_summary(list(checks.values()))
+    assert summary["performed"] and not summary["passed"] and summary["modes_not_checked"] == 1
+
+
+def test_token_gaps_spread_bursts_and_skip_the_first():
+    # Per-token stream (HF): the prompt put first, then one put per token 10 ms apart.
+    stamps = [0.0] + [0.010 * i for i in range(1, 6)]
+    assert token_gaps_ms(stamps, 5) == pytest.approx([10.0] * 4)
+    # Bursts of 3 (kvkernels.generate on CUDA): the first burst holds the prefill, so its gaps are unknown.
+    tick = BURST_GAP_S / 10
+    stamps = [1.0, 1.0 + tick, 1.0 + 2 * tick, 1.030, 1.030 + tick, 1.030 + 2 * tick]
+    gaps = token_gaps_ms(stamps, 6)
+    assert gaps[:2] == [None, None]
+    assert gaps[2:] == pytest.approx([10.0] * 3)   # 30 ms between the bursts' last tokens, 3 tokens
+    with pytest.raises(RuntimeError, match="streamer saw"):
+        token_gaps_ms([0.0, 1.0], 5)
+
+
+# -- bench.seeds ----------------------------------------------------------------------------------
+
+def test_seeds_quick_outputs(seeds_run):
+    result, out = seeds_run
+    saved = json.loads((out / "seeds.json").read_text())
+    assert_environment(saved["environment"])
+    assert [r["file"] for r in saved["seeds"]] == [s.file for s in seeds.SEEDS]
+    for row in saved["seeds"]:
+        assert set(row["columns"]) == set(seeds.COLUMNS)
+        for column in ("no cache", "HF cache"):
+            assert row["columns"][column]["status"] == "ok", (row["file"], column, row["columns"][column])
+        for column, cell in row["columns"].items():
+            if cell["status"] == "ok":
+                assert cell["seconds"]["mean"] > 0 and cell["tokens_per_s"] > 0 and cell["warmup_s"] > 0
+            else:
+                assert cell["error"], (row["file"], column)
+    shared = {r["file"][:3]: r.get("shared_with", "")[:3] for r in saved["seeds"]}
+    assert shared["004"] == "002"   # the same experiment, measured once
+    markdown = (out / "seeds.md").read_text()
+    assert "108.446 ± 10.526 s" in markdown and "4.21 s" in markdown
+    for path in result["plots"]:
+        assert_valid_png(path)
+
+
+@pytest.mark.skipif(not SEEDS_DIR.is_dir(), reason="the seed tutorials are not checked out beside the repo")
+def test_seed_table_quotes_the_seed_files():
+    for seed in seeds.SEEDS:
+        text = (SEEDS_DIR / seed.file).read_text()
+        assert seed.prompt in text, seed.file
+        assert re.search(rf"\b{seed.new_tokens}\b", text), seed.file
+        for key, value in seed.reported.items():
+            if value is not None:
+                assert str(value).rstrip("0") in text, (seed.file, key, value)
+
+
+def test_seed_sampler_keeps_its_semantics():
+    torch.manual_seed(0)
+    logits = torch.randn(1, 200)
+    picks = torch.cat([seeds.seed_sample(logits, temperature=0.7, top_k=5, top_p=1.0, repetition_penalty=1.2)
+                       for _ in range(200)])
+    assert set(picks.flatten().tolist()) <= set(logits.topk(5).indices.flatten().tolist())
+    # top_p below the largest probability keeps only the argmax.
+    greedy = seeds.seed_sample(logits, temperature=0.7, top_k=50, top_p=1e-6, repetition_penalty=1.2)
+    assert greedy.item() == logits.argmax().item()
