@@ -5,8 +5,8 @@ beam reordering; the patched GPT2Attention (kvkernels.hf_patch) does the writing
 Each sequence stores only its real tokens: left padding and any masked column never reach the pool.
 
 Per forward call (a "step"), hf_patch calls `begin_step` with the new tokens' 2D mask; the cache reserves
-their slots on the host (no device sync unless a mask has to be read) and then each layer calls
-`write` and `attend`:
+their slots on the host (no device sync unless a mask has to be read), then each layer's `attend` writes
+the new K/V with kvkernels.write_kv_cache and attends:
     * one real token per sequence -> kvkernels.paged_decode_attention over the pages;
     * anything else (prompt, continuation, padding) -> gather the sequences' pages and run SDPA with a
       per-query length mask, which is HF's causal-and-padding mask over the unpadded layout.
@@ -59,7 +59,7 @@ class _Step:
     slot_mapping: torch.Tensor   # int64 [B * T], -1 for padding tokens
     decode: bool                 # every sequence adds exactly one real token
     attn_mask: torch.Tensor      # bool [B, 1, T, L] (extend steps only): key l visible to query t
-    table_blocks: int            # block-table columns covering the longest sequence (extend steps only)
+    table_blocks: int            # block-table columns covering the longest sequence after the step
     lens_before: list            # host lengths before the step, to roll back on failure
 
 
@@ -166,9 +166,10 @@ class PagedGPT2Cache(Cache):
         dst = new.reserve(range(len(source_seqs)), lens)
         src = self._slots_of(old, source_seqs, lens)
         for layer in range(self.num_layers):
-            for new_pages, old_pages in ((new.k_pools[layer], old.k_pools[layer]), (new.v_pools[layer], old.v_pools[layer])):
-                flat = new_pages.view(-1, self.num_heads, self.head_dim)
-                flat.index_copy_(0, dst, old_pages.view(-1, self.num_heads, self.head_dim).index_select(0, src))
+            for new_pages, old_pages in ((new.k_pools[layer], old.k_pools[layer]),
+                                         (new.v_pools[layer], old.v_pools[layer])):
+                rows = old_pages.view(-1, self.num_heads, self.head_dim).index_select(0, src)
+                new_pages.view(-1, self.num_heads, self.head_dim).index_copy_(0, dst, rows)
         self.pool, self.num_seqs = new, len(source_seqs)
 
     def _reserve(self, counts):
@@ -201,8 +202,8 @@ class PagedGPT2Cache(Cache):
         keep = None
         if attention_mask is not None:
             if attention_mask.dim() != 2 or tuple(attention_mask.shape) != (batch, self.seen_tokens + num_new):
-                raise ValueError(f"attention_mask must be 2D [batch={batch}, past + new = {self.seen_tokens + num_new}] "
-                                 f"with a paged cache, got shape {tuple(attention_mask.shape)}")
+                raise ValueError(f"attention_mask must be 2D [batch={batch}, past + new = "
+                                 f"{self.seen_tokens + num_new}] with a paged cache, got {tuple(attention_mask.shape)}")
             new_columns = attention_mask[:, -num_new:].to("cpu").bool()                          # [B, T]
             if not bool(new_columns.all()):
                 keep = new_columns
@@ -213,12 +214,14 @@ class PagedGPT2Cache(Cache):
             full = torch.full((batch * num_new,), -1, dtype=torch.int64, device=slots.device)
             slots = full.masked_scatter_(keep.reshape(-1).to(slots.device), slots)
         decode = num_new == 1 and keep is None
-        attn_mask, table_blocks = None, 0
+        # Only the table columns the longest sequence uses: the kernels' work (and Triton's split count)
+        # then follows the actual lengths, not n_positions.
+        table_blocks = max(blocks_for(max(n + c for n, c in zip(lens_before, counts)), self.block_size), 1)
+        attn_mask = None
         if not decode:
             # Query t of sequence b sees the real tokens up to and including its column: its length so far.
             seen_by_query = (torch.ones(batch, num_new, dtype=torch.long) if keep is None else keep.long()).cumsum(1)
             visible = (torch.tensor(lens_before)[:, None] + seen_by_query).clamp(min=1)           # [B, T]
-            table_blocks = max(blocks_for(max(n + c for n, c in zip(lens_before, counts)), self.block_size), 1)
             keys = torch.arange(table_blocks * self.block_size, device=self.pool.device)
             attn_mask = keys[None, None, None, :] < visible.to(self.pool.device)[:, None, :, None]  # [B, 1, T, L]
         self.step = _Step(num_new, slots, decode, attn_mask, table_blocks, lens_before)
@@ -250,12 +253,11 @@ class PagedGPT2Cache(Cache):
         write_kv_cache(key.reshape(batch * num_new, heads, dim).to(pool.dtype),
                        value.reshape(batch * num_new, heads, dim).to(pool.dtype),
                        k_pages, v_pages, step.slot_mapping, backend=self.backend, validate=False)
-        tables, lens = pool.block_tables[:batch], pool.seq_lens[:batch]
+        tables, lens = pool.block_tables[:batch, :step.table_blocks], pool.seq_lens[:batch]
         if step.decode:
-            out = paged_decode_attention(query.reshape(batch, heads, dim).to(pool.dtype), k_pages, v_pages, tables, lens,
-                                         scale=scale, backend=self.backend, validate=False)    # [B, H, D]
+            out = paged_decode_attention(query.reshape(batch, heads, dim).to(pool.dtype), k_pages, v_pages, tables,
+                                         lens, scale=scale, backend=self.backend, validate=False)  # [B, H, D]
             return out.to(query.dtype).view(batch, 1, heads, dim)
-        tables = tables[:, :step.table_blocks]
         keys, _ = gather_kv(k_pages, tables, lens)                                              # [B, L, H, D]
         values, _ = gather_kv(v_pages, tables, lens)
         compute = torch.float32 if upcast else query.dtype

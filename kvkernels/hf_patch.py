@@ -81,16 +81,16 @@ def patch(model, *, backend="auto", block_size=16, max_tokens=None, cache_dtype=
             state.install(block.attn, "forward", _attention_forward)
         state.install(base, "forward", _model_forward)
         object.__setattr__(base, _STATE, state)
+    installed = getattr(model.__dict__.get("_prepare_cache_for_generation"), "__func__", None)
     if model is not base and hasattr(model, "_prepare_cache_for_generation") \
-            and "_prepare_cache_for_generation" not in model.__dict__:
+            and installed is not _prepare_cache_for_generation:
         state.install(model, "_prepare_cache_for_generation", _prepare_cache_for_generation)
     return model
 
 
 def unpatch(model):
     """Removes everything `patch` installed on `model` (a no-op if it is not patched). Returns `model`."""
-    base, _ = gpt2_parts(model)
-    state = base.__dict__.get(_STATE)
+    state = _state(model)
     if state is None:
         return model
     for obj, name, previous in reversed(state.saved):
@@ -98,32 +98,32 @@ def unpatch(model):
             obj.__dict__.pop(name, None)
         else:
             obj.__dict__[name] = previous
-    del base.__dict__[_STATE]
+    del gpt2_parts(model)[0].__dict__[_STATE]
     return model
 
 
 def is_patched(model) -> bool:
-    base, _ = gpt2_parts(model)
-    return _STATE in base.__dict__
+    return _state(model) is not None
 
 
 @contextlib.contextmanager
 def patched(model, **options):
-    """`with kvkernels.patched(model, backend=...):` patches for the block; unpatches after if it was not patched."""
-    was_patched = is_patched(model)
-    previous = base_state_options(model) if was_patched else None
+    """`with kvkernels.patched(model, backend=...):` patches for the block, then restores: unpatched if it was
+    not patched before, else its previous options."""
+    state = _state(model)
+    previous = None if state is None else state.options
     patch(model, **options)
     try:
         yield model
     finally:
-        if was_patched:
-            gpt2_parts(model)[0].__dict__[_STATE].options = previous
-        else:
+        if previous is None:
             unpatch(model)
+        else:
+            _state(model).options = previous
 
 
-def base_state_options(model):
-    return gpt2_parts(model)[0].__dict__[_STATE].options
+def _state(model):
+    return gpt2_parts(model)[0].__dict__.get(_STATE)
 
 
 # -- the hooks ---------------------------------------------------------------------------------
@@ -148,7 +148,7 @@ def _unsupported_reason(base, attention_mask, kwargs):
     """Why this forward cannot use a paged cache, or None."""
     if base.training:
         return "the model is in training mode (call model.eval())"
-    if torch.is_grad_enabled() and base.wte.weight.requires_grad:
+    if torch.is_grad_enabled() and (base.wte.weight.requires_grad or base.h[0].attn.c_attn.weight.requires_grad):
         return "gradients are enabled (run under torch.no_grad() or torch.inference_mode())"
     if kwargs.get("output_attentions", getattr(base.config, "output_attentions", False)):
         return "output_attentions=True needs the attention matrix, which paged attention never materialises"

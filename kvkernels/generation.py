@@ -1,0 +1,280 @@
+"""kvkernels.generate: GPT-2 generation over a preallocated paged cache, one CUDA graph per decode step.
+
+Static shapes make the graph possible. The pool holds, for every sequence, room for its real prompt tokens
+plus max_new_tokens, and its block table is filled before the first token; a decode step then only reads
+and updates device tensors that never move:
+    tokens [B] (the step's input), lengths int32 [B] (tokens cached = the input's position), finished [B],
+    done_at [B], step [1] (output column), out [B, max_new_tokens], seen [B, V] (repetition penalty).
+The step (embedding, every layer with write_kv_cache + paged_decode_attention, lm_head, sampling, the EOS
+bookkeeping) is one Python function: it runs eagerly on the CPU, and on CUDA it is captured once and
+replayed per token. The host reads the device only every EOS_CHECK_EVERY tokens (each token for a streamer).
+"""
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers.activations import NewGELUActivation
+
+from .cache import PagedKVCache
+from .gpt2_common import attention_scale, blocks_for, check_positive_int, gpt2_parts
+from .ops import BACKENDS, paged_decode_attention, resolve_backend, write_kv_cache
+from .sampling import SamplingParams, process_logits, select_tokens
+
+# One host sync per this many tokens on CUDA to see whether every sequence has finished. With a streamer,
+# or on the CPU (whose ops are synchronous anyway), it checks and streams every token.
+EOS_CHECK_EVERY = 16
+
+
+@dataclass
+class _DecodeState:
+    """Device tensors a decode step reads and updates in place (their addresses are baked into the graph)."""
+    tokens: torch.Tensor      # int64 [B], the step's input tokens
+    lengths: torch.Tensor     # int32 [B], tokens cached per sequence = position of `tokens`
+    finished: torch.Tensor    # bool [B]
+    done_at: torch.Tensor     # int64 [B], output column of the EOS (max_new_tokens while unfinished)
+    step: torch.Tensor        # int64 [1], the output column this step writes
+    out: torch.Tensor         # int64 [B, max_new_tokens]
+    seen: torch.Tensor        # bool [B, V] tokens present so far, or None without a repetition penalty
+    eos: torch.Tensor         # int64 [num_eos]
+    pad: int
+
+    def mutable(self):
+        return [t for t in (self.tokens, self.lengths, self.finished, self.done_at, self.step, self.out, self.seen)
+                if t is not None]
+
+
+class _Runner:
+    """Prefill and the decode step of one generate call, over one preallocated PagedKVCache."""
+
+    def __init__(self, base, lm_head, pool: PagedKVCache, batch: int, params: SamplingParams):
+        self.base, self.lm_head, self.pool, self.params = base, lm_head, pool, params
+        self.tables = pool.block_tables[:batch]                                     # int32 [B, M], static
+        self.scales = [attention_scale(block.attn) for block in base.h]
+        self.num_heads, self.head_dim = base.h[0].attn.num_heads, base.h[0].attn.head_dim
+
+    @staticmethod
+    def _attention_inputs(block, x):
+        """query, key, value [..., E] each, views of one c_attn output."""
+        return block.attn.c_attn(block.ln_1(x)).split(block.attn.split_size, dim=-1)
+
+    @staticmethod
+    def _mlp(block, x):
+        mlp = block.mlp
+        if isinstance(mlp.act, NewGELUActivation):
+            # HF's "gelu_new" is eight elementwise kernels; PyTorch's tanh GELU is the same formula in one
+            # (within 1 ulp in float32, and closer to the exact value in half precision).
+            return mlp.c_proj(F.gelu(mlp.c_fc(x), approximate="tanh"))
+        return mlp(x)
+
+    def prefill(self, input_ids, real):
+        """Runs the prompts (left padded; real: bool [B, P]) into the pool; returns float32 logits [B, V]."""
+        batch, prompt_len = input_ids.shape
+        heads, dim, pool = self.num_heads, self.head_dim, self.pool
+        positions = (real.long().cumsum(1) - 1).clamp(min=0)                          # HF's position_ids
+        block = positions // pool.block_size
+        slots = self.tables.long().gather(1, block) * pool.block_size + positions % pool.block_size
+        slots = torch.where(real, slots, -1).reshape(-1)                              # [B * P], pads skipped
+        causal = torch.ones(prompt_len, prompt_len, dtype=torch.bool, device=real.device).tril()
+        eye = torch.eye(prompt_len, dtype=torch.bool, device=real.device)
+        # A padding query attends to itself only: finite, never read (keys at padding are never visible).
+        mask = (causal & (real[:, None, :] | eye))[:, None]                             # [B, 1, P, P]
+        x = self.base.wte(input_ids) + self.base.wpe(positions)                       # [B, P, E]
+        shape = (batch, prompt_len, heads, dim)
+        for layer, block in enumerate(self.base.h):
+            query, key, value = self._attention_inputs(block, x)
+            write_kv_cache(key.reshape(-1, heads, dim).to(pool.dtype), value.reshape(-1, heads, dim).to(pool.dtype),
+                           pool.k_pools[layer], pool.v_pools[layer], slots, backend=pool.backend, validate=False)
+            compute = torch.float32 if block.attn.reorder_and_upcast_attn else x.dtype
+            q, k, v = (t.view(shape).transpose(1, 2).to(compute) for t in (query, key, value))
+            attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scales[layer])  # [B, H, P, D]
+            x = x + block.attn.c_proj(attn.transpose(1, 2).reshape(batch, prompt_len, -1).to(x.dtype))
+            x = x + self._mlp(block, block.ln_2(x))
+        return self.lm_head(self.base.ln_f(x[:, -1])).float()                         # last column is real
+
+    def select(self, logits, state: _DecodeState):
+        """Picks the next tokens from logits [B, V] and does the EOS / output bookkeeping, all on the device."""
+        batch = logits.shape[0]
+        scores = process_logits(logits, self.params, state.seen)
+        chosen = select_tokens(scores, self.params)
+        chosen = torch.where(state.finished, state.pad, chosen)                      # finished rows emit padding
+        state.out.scatter_(1, state.step.expand(batch, 1), chosen[:, None])
+        newly_done = (chosen[:, None] == state.eos[None, :]).any(dim=1) & ~state.finished
+        state.done_at.copy_(torch.where(newly_done, state.step, state.done_at))
+        state.finished.logical_or_(newly_done)
+        if state.seen is not None:
+            state.seen.scatter_(1, chosen[:, None], True)
+        state.tokens.copy_(chosen)
+        state.step.add_(1)
+
+    def decode_step(self, state: _DecodeState):
+        """One token per sequence: embed state.tokens, append their K/V, attend over the pages, select."""
+        base, pool = self.base, self.pool
+        batch, heads, dim = state.tokens.shape[0], self.num_heads, self.head_dim
+        positions = state.lengths.long()                                              # [B]
+        slots = self.tables.gather(1, (positions // pool.block_size)[:, None]).squeeze(1).long() * pool.block_size \
+            + positions % pool.block_size                                             # [B]
+        lengths_after = state.lengths + 1                                             # int32 [B]
+        x = base.wte(state.tokens) + base.wpe(positions)                              # [B, E]
+        for layer, block in enumerate(base.h):
+            query, key, value = self._attention_inputs(block, x)
+            write_kv_cache(key.view(batch, heads, dim).to(pool.dtype), value.view(batch, heads, dim).to(pool.dtype),
+                           pool.k_pools[layer], pool.v_pools[layer], slots, backend=pool.backend, validate=False)
+            attn = paged_decode_attention(query.view(batch, heads, dim).to(pool.dtype), pool.k_pools[layer],
+                                          pool.v_pools[layer], self.tables, lengths_after, scale=self.scales[layer],
+                                          backend=pool.backend, validate=False)        # [B, H, D]
+            x = x + block.attn.c_proj(attn.reshape(batch, -1).to(x.dtype))
+            x = x + self._mlp(block, block.ln_2(x))
+        logits = self.lm_head(base.ln_f(x)).float()                                  # [B, V]
+        # Finished sequences stop growing: their next (ignored) token overwrites the same slot.
+        state.lengths.add_((~state.finished).int())
+        self.select(logits, state)
+
+
+def _warm_up(runner: _Runner, state: _DecodeState, steps: int = 2):
+    """Runs decode steps (compiling the kernels) and undoes their effect on the state. The K/V they wrote
+    sit in slots that the real steps overwrite before reading them."""
+    saved = [t.clone() for t in state.mutable()]
+    for _ in range(steps):
+        runner.decode_step(state)
+    for t, value in zip(state.mutable(), saved):
+        t.copy_(value)
+
+
+def _graphs_supported(device: torch.device) -> bool:
+    return device.type == "cuda"
+
+
+def _capture(runner: _Runner, state: _DecodeState):
+    """Captures one decode step as a CUDA graph (warmed up on a side stream first); returns its replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        _warm_up(runner, state)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        runner.decode_step(state)
+    return graph.replay
+
+
+def _token_ids(value, name):
+    if value is None:
+        return []
+    values = [value] if isinstance(value, int) else list(value)
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+        raise ValueError(f"{name} must be a token id or a list of token ids, got {value!r}")
+    return values
+
+
+def _check_inputs(model, input_ids, attention_mask, max_new_tokens):
+    base, lm_head = gpt2_parts(model)
+    if lm_head is None:
+        raise TypeError(f"model must have a language-modelling head (GPT2LMHeadModel), got {type(model).__name__}")
+    if model.training:
+        raise ValueError("kvkernels.generate runs inference: call model.eval() first")
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dtype != torch.long or input_ids.dim() != 2:
+        raise TypeError("input_ids must be an int64 tensor [batch, prompt_len]")
+    if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be non-empty, got shape {tuple(input_ids.shape)}")
+    check_positive_int("max_new_tokens", max_new_tokens)
+    device = base.wte.weight.device
+    input_ids = input_ids.to(device)
+    if attention_mask is None:
+        real = torch.ones_like(input_ids, dtype=torch.bool)
+    else:
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask must be a tensor shaped like input_ids {tuple(input_ids.shape)}")
+        real = attention_mask.to(device).bool()
+        if not bool(real[:, -1].all()):
+            raise ValueError("attention_mask: prompts must be left-padded (the last column real in every row)")
+    lengths = real.sum(1).tolist()
+    n_positions = base.config.n_positions
+    if max(lengths) + max_new_tokens > n_positions:
+        raise ValueError(f"the longest prompt ({max(lengths)} tokens) plus max_new_tokens ({max_new_tokens}) exceeds "
+                         f"the model's n_positions={n_positions}")
+    return base, lm_head, input_ids, real, lengths
+
+
+@torch.no_grad()
+def generate(model, input_ids, attention_mask=None, *, max_new_tokens, do_sample=False, temperature=1.0, top_k=0,
+             top_p=1.0, repetition_penalty=1.0, eos_token_id=None, pad_token_id=None, cuda_graph=True, streamer=None,
+             backend="auto", block_size=16):
+    """Generates up to `max_new_tokens` tokens per prompt with a Hugging Face GPT2LMHeadModel.
+
+    Args:
+        model: GPT2LMHeadModel in eval mode (any size; fp32 / fp16 / bf16).
+        input_ids: int64 [B, P], prompts left-padded to a common length.
+        attention_mask: [B, P] of 0/1 (padding 0), or None when nothing is padded.
+        max_new_tokens: tokens to generate; the longest prompt plus this must fit in n_positions.
+        do_sample, temperature, top_k, top_p, repetition_penalty: as in HF generate (greedy by default).
+        eos_token_id: int or list; None takes model.generation_config.eos_token_id, [] disables stopping.
+        pad_token_id: emitted after a sequence's EOS; None takes the generation config's pad, else the first EOS.
+        cuda_graph: capture the decode step once and replay it (CUDA only; the CPU always runs eagerly).
+        streamer: HF streamer protocol: `put(prompt ids [B, P])` first, then `put(tokens [B])` per step, `end()`.
+        backend: kernel backend, "auto" | "triton" | "cuda" | "torch".
+        block_size: tokens per page.
+
+    Returns:
+        int64 [B, P + n]: prompts then generated tokens, n <= max_new_tokens (fewer when every sequence
+        reached EOS, as in HF). Sampling draws from torch's default generator: seed it for reproducibility.
+    """
+    params = SamplingParams(do_sample, float(temperature), top_k, float(top_p), float(repetition_penalty))
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_positive_int("block_size", block_size)
+    base, lm_head, input_ids, real, lengths = _check_inputs(model, input_ids, attention_mask, max_new_tokens)
+    gen_config = getattr(model, "generation_config", None)
+    eos = _token_ids(getattr(gen_config, "eos_token_id", None) if eos_token_id is None else eos_token_id,
+                     "eos_token_id")
+    if pad_token_id is None:
+        pad_token_id = getattr(gen_config, "pad_token_id", None)
+    pad_token_id = (eos[0] if eos else 0) if pad_token_id is None else pad_token_id
+    device, dtype = input_ids.device, base.wte.weight.dtype
+    batch, prompt_len = input_ids.shape
+    attn = base.h[0].attn
+    pool = PagedKVCache(len(base.h), attn.num_heads, attn.head_dim, max_batch_size=batch,
+                        num_blocks=sum(blocks_for(n + max_new_tokens, block_size) for n in lengths),
+                        block_size=block_size, max_blocks_per_seq=blocks_for(max(lengths) + max_new_tokens, block_size),
+                        dtype=dtype, device=device, backend=resolve_backend(backend, device))
+    pool.reserve(range(batch), [n + max_new_tokens for n in lengths])      # every block table filled up front
+    runner = _Runner(base, lm_head, pool, batch, params)
+    seen = None
+    if params.uses_penalty:
+        seen = torch.zeros(batch, lm_head.out_features, dtype=torch.bool, device=device)
+        rows = torch.arange(batch, device=device)[:, None].expand_as(input_ids)
+        seen[rows[real], input_ids[real]] = True                            # padding never counts as present
+    state = _DecodeState(
+        tokens=torch.zeros(batch, dtype=torch.long, device=device),
+        lengths=torch.tensor(lengths, dtype=torch.int32, device=device),
+        finished=torch.zeros(batch, dtype=torch.bool, device=device),
+        done_at=torch.full((batch,), max_new_tokens, dtype=torch.long, device=device),
+        step=torch.zeros(1, dtype=torch.long, device=device),
+        out=torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device),
+        seen=seen, eos=torch.tensor(eos, dtype=torch.long, device=device), pad=pad_token_id)
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
+    runner.select(runner.prefill(input_ids, real), state)
+    if cuda_graph and _graphs_supported(device) and max_new_tokens > 1:
+        decode_step = _capture(runner, state)
+    else:
+        decode_step = functools.partial(runner.decode_step, state)
+    # A streamer wants each token as it is made (HF streams per step); CPU ops are synchronous anyway.
+    check_every = EOS_CHECK_EVERY if device.type == "cuda" and streamer is None else 1
+    generated, streamed = 1, 0
+    while True:
+        at_check = generated == max_new_tokens or generated % check_every == 0
+        if at_check:
+            all_done = bool(eos) and bool(state.finished.all())
+            columns = int(state.done_at.max()) + 1 if all_done else generated
+            if streamer is not None:
+                for column in state.out[:, streamed:columns].cpu().unbind(1):
+                    streamer.put(column)
+                streamed = columns
+            if all_done or generated == max_new_tokens:
+                break
+        decode_step()
+        generated += 1
+    if streamer is not None:
+        streamer.end()
+    return torch.cat([input_ids, state.out[:, :columns]], dim=1)

@@ -1,0 +1,72 @@
+"""Next-token selection on the device, with Hugging Face generate's semantics and no host sync.
+
+Same order and rules as HF's logits processors: repetition penalty (divide positive, multiply negative logits
+of tokens already present), then, when sampling, temperature, top-k, top-p. The draw is an exponential race
+(argmax of p / E with E ~ Exp(1)), which samples exactly from p but, unlike torch.multinomial, never checks
+its input on the host, so it can be captured in a CUDA graph (the default generator's philox state advances
+on every replay).
+"""
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+
+    def __post_init__(self):
+        if not isinstance(self.do_sample, bool):
+            raise TypeError(f"do_sample must be a bool, got {self.do_sample!r}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an int >= 0 (0 disables it), got {self.top_k!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] (1 disables it), got {self.top_p!r}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0 (1 disables it), got {self.repetition_penalty!r}")
+
+    @property
+    def uses_penalty(self) -> bool:
+        return self.repetition_penalty != 1.0
+
+
+def process_logits(logits, params: SamplingParams, seen=None):
+    """logits: float32 [B, V]; seen: bool [B, V], tokens present so far (needed with a repetition penalty).
+
+    Returns the scores HF's processors would produce (-inf for filtered tokens), a new tensor.
+    """
+    scores = logits
+    if params.uses_penalty:
+        penalised = torch.where(scores < 0, scores * params.repetition_penalty, scores / params.repetition_penalty)
+        scores = torch.where(seen, penalised, scores)
+    if not params.do_sample:
+        return scores
+    if params.temperature != 1.0:
+        scores = scores / params.temperature
+    if params.top_k:
+        k = min(params.top_k, scores.shape[-1])
+        kth_best = torch.topk(scores, k, dim=-1).values[..., -1:]                          # [B, 1]
+        scores = scores.masked_fill(scores < kth_best, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=False)
+        cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+        drop_sorted = cumulative <= (1 - params.top_p)
+        drop_sorted[..., -1:] = False                                                      # keep at least one
+        drop = drop_sorted.scatter(1, order, drop_sorted)
+        scores = scores.masked_fill(drop, float("-inf"))
+    return scores
+
+
+def select_tokens(scores, params: SamplingParams):
+    """int64 [B]: argmax of scores [B, V], or a draw from softmax(scores) when sampling."""
+    if not params.do_sample:
+        return scores.argmax(dim=-1)
+    probs = scores.softmax(dim=-1)
+    race = torch.empty_like(probs).exponential_(1.0)
+    return (probs / race).argmax(dim=-1)

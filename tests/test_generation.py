@@ -1,0 +1,243 @@
+"""kvkernels.generate (own prefill + decode loop over the paged cache) and its sampling, against HF generate."""
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, GPT2Model
+from transformers.generation.logits_process import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor,
+                                                    TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+
+import kvkernels
+from conftest import DEVICE, kernel_backends
+from kvkernels.sampling import SamplingParams, process_logits, select_tokens
+
+BACKENDS = kernel_backends()
+
+
+def make_model(seed=0, dtype=torch.float32, **overrides):
+    """Tiny random GPT-2; initializer_range 0.3 spreads the logits: varied greedy tokens, no near-ties.
+    Two heads keep Triton's CPU interpreter (one program per sequence and head) quick."""
+    config = dict(n_layer=2, n_head=2, n_embd=64, vocab_size=256, n_positions=128, bos_token_id=0, eos_token_id=1,
+                  pad_token_id=0, initializer_range=0.3, attn_implementation="eager")
+    config.update(overrides)
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(**config)).to(DEVICE, dtype).eval()
+
+
+def padded_batch(prompt_lens=(9, 5, 7), vocab=256, seed=1):
+    """Left-padded prompts: input_ids and attention_mask [len(prompt_lens), max(prompt_lens)] on DEVICE."""
+    generator = torch.Generator().manual_seed(seed)
+    width = max(prompt_lens)
+    ids = torch.randint(2, vocab, (len(prompt_lens), width), generator=generator)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(prompt_lens):
+        mask[row, width - n:] = 1
+    return ids.masked_fill(mask == 0, 0).to(DEVICE), mask.to(DEVICE)
+
+
+class RecordingStreamer:
+    """HF's streamer protocol (put, end), recording every call."""
+
+    def __init__(self):
+        self.puts, self.ends = [], 0
+
+    def put(self, value):
+        assert self.ends == 0, "put after end"
+        self.puts.append(value.clone())
+
+    def end(self):
+        self.ends += 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["batch1", "left_padded_batch3"])
+def test_greedy_matches_hf_generate(backend, case):
+    model = make_model()
+    ids, mask = padded_batch(prompt_lens=(7,)) if case == "batch1" else padded_batch()
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=64, do_sample=False)
+    assert len(set(expected[0, -64:].tolist())) > 8, "the reference should not be degenerate"
+    got = kvkernels.generate(model, ids, mask if case != "batch1" else None, max_new_tokens=64, backend=backend,
+                             block_size=8)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("overrides", [dict(scale_attn_by_inverse_layer_idx=True, reorder_and_upcast_attn=True),
+                                       dict(scale_attn_weights=False, initializer_range=0.05)])
+def test_greedy_matches_hf_with_attention_scaling_configs(overrides):
+    model = make_model(**overrides)
+    ids, mask = padded_batch()
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=24)
+    torch.testing.assert_close(kvkernels.generate(model, ids, mask, max_new_tokens=24, backend="torch"), expected,
+                               rtol=0, atol=0)
+
+
+def test_eos_stops_each_sequence_like_hf():
+    model = make_model()
+    ids, mask = padded_batch()
+    free_run = model.generate(ids, attention_mask=mask, max_new_tokens=30)[:, ids.shape[1]:]
+    # An EOS the first sequence emits early: it finishes while the others go on (a ragged batch).
+    eos = int(free_run[0, 4])
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=30, eos_token_id=eos, pad_token_id=0)
+    got = kvkernels.generate(model, ids, mask, max_new_tokens=30, eos_token_id=eos, pad_token_id=0, backend="torch")
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert (got[0, ids.shape[1] + 5:] == 0).all()
+    # EOS ids each sequence emits early: everything stops, and the output is as short as HF's.
+    stops = [int(row[2]) for row in free_run]
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=30, eos_token_id=stops, pad_token_id=0)
+    got = kvkernels.generate(model, ids, mask, max_new_tokens=30, eos_token_id=stops, pad_token_id=0, backend="torch")
+    assert got.shape[1] < ids.shape[1] + 30
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_streamer_receives_what_hf_sends():
+    model = make_model()
+    ids, _ = padded_batch(prompt_lens=(6,))
+    eos = int(model.generate(ids, max_new_tokens=12)[0, ids.shape[1] + 7])
+    hf_streamer, streamer = RecordingStreamer(), RecordingStreamer()
+    expected = model.generate(ids, max_new_tokens=12, eos_token_id=eos, streamer=hf_streamer)
+    got = kvkernels.generate(model, ids, max_new_tokens=12, eos_token_id=eos, streamer=streamer, backend="torch")
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert streamer.ends == 1 and len(streamer.puts) == len(hf_streamer.puts) == 1 + got.shape[1] - ids.shape[1]
+    torch.testing.assert_close(streamer.puts[0], ids.cpu(), rtol=0, atol=0)            # the prompt first
+    for mine, theirs in zip(streamer.puts, hf_streamer.puts):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
+    torch.testing.assert_close(torch.stack(streamer.puts[1:], 1), got[:, ids.shape[1]:].cpu(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sampling_is_reproducible_with_a_seed(backend):
+    model = make_model()
+    ids, mask = padded_batch()
+    kwargs = dict(max_new_tokens=10, do_sample=True, temperature=0.7, top_k=50, top_p=0.9, repetition_penalty=1.2,
+                  backend=backend)
+    runs = []
+    for seed in (7, 7, 8):
+        torch.manual_seed(seed)
+        runs.append(kvkernels.generate(model, ids, mask, **kwargs))
+    torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)
+    assert not torch.equal(runs[0], runs[2])
+    torch.testing.assert_close(runs[0][:, :ids.shape[1]], ids, rtol=0, atol=0)
+    assert runs[0].min() >= 0 and runs[0].max() < 256
+
+
+def test_top_k_one_sampling_is_greedy():
+    model = make_model()
+    ids, mask = padded_batch()
+    greedy = kvkernels.generate(model, ids, mask, max_new_tokens=16, backend="torch")
+    sampled = kvkernels.generate(model, ids, mask, max_new_tokens=16, do_sample=True, top_k=1, backend="torch")
+    torch.testing.assert_close(sampled, greedy, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("params", [dict(do_sample=False, repetition_penalty=1.3),
+                                    dict(do_sample=True, temperature=0.7, top_k=5, top_p=0.9, repetition_penalty=1.2),
+                                    dict(do_sample=True, top_p=0.5), dict(do_sample=True, top_k=300, temperature=2.0)])
+def test_logits_processing_matches_hf_processors(params):
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 256, generator=generator) * 3
+    input_ids = torch.randint(0, 256, (4, 12), generator=generator)
+    p = SamplingParams(**params)
+    hf = LogitsProcessorList()
+    if p.repetition_penalty != 1.0:
+        hf.append(RepetitionPenaltyLogitsProcessor(p.repetition_penalty))
+    if p.do_sample:
+        if p.temperature != 1.0:
+            hf.append(TemperatureLogitsWarper(p.temperature))
+        if p.top_k:
+            hf.append(TopKLogitsWarper(p.top_k))
+        if p.top_p < 1.0:
+            hf.append(TopPLogitsWarper(p.top_p))
+    seen = torch.zeros(4, 256, dtype=torch.bool).scatter_(1, input_ids, True)
+    torch.testing.assert_close(process_logits(logits, p, seen), hf(input_ids, logits.clone()), rtol=0, atol=0)
+
+
+def test_exponential_race_samples_the_distribution():
+    probs = torch.tensor([0.5, 0.25, 0.15, 0.1, 0.0])
+    scores = probs.log().expand(40_000, -1)
+    torch.manual_seed(0)
+    drawn = select_tokens(scores, SamplingParams(do_sample=True))
+    frequency = torch.bincount(drawn, minlength=5).float() / drawn.numel()
+    torch.testing.assert_close(frequency, probs, atol=0.01, rtol=0)       # ~5 standard errors
+    assert frequency[4] == 0
+
+
+def test_bad_inputs_give_clear_errors():
+    model = make_model()
+    ids, mask = padded_batch()
+    with pytest.raises(TypeError, match="GPT-2"):
+        kvkernels.generate(torch.nn.Linear(2, 2), ids, max_new_tokens=2)
+    torch.manual_seed(0)
+    with pytest.raises(TypeError, match="language-modelling head"):
+        kvkernels.generate(GPT2Model(model.config).to(DEVICE).eval(), ids, max_new_tokens=2)
+    with pytest.raises(TypeError, match="input_ids"):
+        kvkernels.generate(model, ids[0], max_new_tokens=2)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        kvkernels.generate(model, ids, mask, max_new_tokens=0)
+    with pytest.raises(ValueError, match="n_positions=128"):
+        kvkernels.generate(model, torch.randint(2, 256, (1, 129), device=DEVICE), max_new_tokens=1)
+    with pytest.raises(ValueError, match="n_positions=128"):
+        kvkernels.generate(model, ids, mask, max_new_tokens=120)
+    with pytest.raises(ValueError, match="left-padded"):
+        kvkernels.generate(model, ids, mask.flip(1), max_new_tokens=2)
+    with pytest.raises(ValueError, match="top_p"):
+        kvkernels.generate(model, ids, mask, max_new_tokens=2, do_sample=True, top_p=0.0)
+    with pytest.raises(ValueError, match="temperature"):
+        kvkernels.generate(model, ids, mask, max_new_tokens=2, do_sample=True, temperature=0)
+    with pytest.raises(ValueError, match="backend"):
+        kvkernels.generate(model, ids, mask, max_new_tokens=2, backend="tpu")
+    model.train()
+    with pytest.raises(ValueError, match="eval"):
+        kvkernels.generate(model, ids, mask, max_new_tokens=2)
+    model.eval()
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=5)
+    torch.testing.assert_close(kvkernels.generate(model, ids, mask, max_new_tokens=5), expected, rtol=0, atol=0)
+
+
+def test_graph_path_warm_up_leaves_no_trace(monkeypatch):
+    # The CUDA-graph branch on the CPU: capture replaced by its warm-up plus the eager step. Warm-up steps
+    # advance every state tensor and write K/V ahead; generation must not notice.
+    from kvkernels import generation
+
+    def eager_capture(runner, state):
+        generation._warm_up(runner, state, steps=3)
+        return lambda: runner.decode_step(state)
+    monkeypatch.setattr(generation, "_graphs_supported", lambda device: True)
+    monkeypatch.setattr(generation, "_capture", eager_capture)
+    model = make_model()
+    ids, mask = padded_batch(prompt_lens=(7, 7))     # unpadded: HF versions differ on penalising padding
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=20, repetition_penalty=1.3)
+    got = kvkernels.generate(model, ids, mask, max_new_tokens=20, repetition_penalty=1.3, backend="torch")
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cuda_graph_matches_eager_and_hf(backend):
+    model = make_model()
+    ids, mask = padded_batch()
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=64)
+    for graph in (False, True):
+        got = kvkernels.generate(model, ids, mask, max_new_tokens=64, cuda_graph=graph, backend=backend)
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    kwargs = dict(max_new_tokens=40, do_sample=True, top_k=20, top_p=0.9, repetition_penalty=1.1, cuda_graph=True,
+                  backend=backend)
+    torch.manual_seed(3)
+    first = kvkernels.generate(model, ids, mask, **kwargs)
+    torch.manual_seed(3)
+    torch.testing.assert_close(kvkernels.generate(model, ids, mask, **kwargs), first, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_large_batch_with_eos_and_streamer():
+    model = make_model(n_layer=4, n_head=8, n_embd=256, vocab_size=1000, n_positions=512)
+    ids, mask = padded_batch(prompt_lens=[5 + (7 * i) % 40 for i in range(48)], vocab=1000)
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=64)
+    torch.testing.assert_close(kvkernels.generate(model, ids, mask, max_new_tokens=64), expected, rtol=0, atol=0)
+    # 300 tokens: the graph replays the eager step's kernels, so the two agree bit for bit, EOS and all.
+    free_run = kvkernels.generate(model, ids, mask, max_new_tokens=300, cuda_graph=False)[:, ids.shape[1]:]
+    eos = [int(free_run[0, 50]), int(free_run[1, 120])]
+    kwargs = dict(max_new_tokens=300, eos_token_id=eos, pad_token_id=0)
+    eager = kvkernels.generate(model, ids, mask, cuda_graph=False, **kwargs)
+    streamer = RecordingStreamer()
+    for graph in (kvkernels.generate(model, ids, mask, streamer=streamer, **kwargs),
+                  kvkernels.generate(model, ids, mask, **kwargs)):
+        torch.testing.assert_close(graph, eager, rtol=0, atol=0)
+    assert (eager[0, ids.shape[1] + 51:] == 0).all()
+    torch.testing.assert_close(torch.stack(streamer.puts[1:], 1), eager[:, ids.shape[1]:].cpu(), rtol=0, atol=0)

@@ -1,0 +1,352 @@
+"""kvkernels.patch(model): HF GPT-2 generate and forward on the paged cache, exact against unpatched HF eager."""
+import gc
+import weakref
+
+import pytest
+import torch
+from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel, GPT2Model
+
+import kvkernels
+from conftest import DEVICE, kernel_backends
+from kvkernels.hf_cache import PagedGPT2Cache
+from kvkernels.hf_patch import is_patched
+
+BACKENDS = kernel_backends()
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 2e-2}
+
+
+def make_model(seed=0, dtype=torch.float32, model_class=GPT2LMHeadModel, **overrides):
+    """Tiny random GPT-2, eager attention; initializer_range 0.3 spreads the logits: varied greedy tokens, no
+    near-ties."""
+    config = dict(n_layer=2, n_head=4, n_embd=64, vocab_size=256, n_positions=128, bos_token_id=0, eos_token_id=1,
+                  pad_token_id=0, initializer_range=0.3, attn_implementation="eager")
+    config.update(overrides)
+    torch.manual_seed(seed)
+    return model_class(GPT2Config(**config)).to(DEVICE, dtype).eval()
+
+
+def padded_batch(prompt_lens=(9, 5, 7), vocab=256, seed=1):
+    """Left-padded prompts: input_ids and attention_mask [len(prompt_lens), max(prompt_lens)] on DEVICE."""
+    generator = torch.Generator().manual_seed(seed)
+    width = max(prompt_lens)
+    ids = torch.randint(2, vocab, (len(prompt_lens), width), generator=generator)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(prompt_lens):
+        mask[row, width - n:] = 1
+    return ids.masked_fill(mask == 0, 0).to(DEVICE), mask.to(DEVICE)
+
+
+class AttendCounter:
+    """Counts the layer calls served from the paged cache (to prove the paged path ran, or did not)."""
+
+    def __init__(self, monkeypatch):
+        self.calls = 0
+        original = PagedGPT2Cache.attend
+
+        def counting(cache, *args, **kwargs):
+            self.calls += 1
+            return original(cache, *args, **kwargs)
+        monkeypatch.setattr(PagedGPT2Cache, "attend", counting)
+
+
+def teacher_forced_logits(model, ids, mask, steps):
+    """Runs prompt, then `steps` (token chunks, [B, n] each) through model with a cache; returns the logits list."""
+    cache = None if is_patched(model) else DynamicCache()
+    outputs = []
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+        outputs.append(out.logits)
+        for chunk in steps:
+            mask = torch.cat([mask, torch.ones_like(chunk)], dim=1)
+            out = model(chunk, attention_mask=mask, past_key_values=out.past_key_values, use_cache=True)
+            outputs.append(out.logits)
+    return outputs, out.past_key_values
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_teacher_forced_logits_match_hf_eager(backend, dtype, monkeypatch):
+    # The default initializer range keeps half-precision logits small enough for an absolute tolerance.
+    model = make_model(dtype=dtype, initializer_range=0.02 if dtype != torch.float32 else 0.3)
+    ids, mask = padded_batch()
+    generator = torch.Generator().manual_seed(2)
+    # Eight single-token decode steps, then a 3-token step over the paged past (a continuation).
+    steps = [torch.randint(2, 256, (3, n), generator=generator).to(DEVICE) for n in [1] * 8 + [3]]
+    expected, _ = teacher_forced_logits(model, ids, mask, steps)
+    counter = AttendCounter(monkeypatch)
+    with kvkernels.patched(model, backend=backend, block_size=4):
+        got, cache = teacher_forced_logits(model, ids, mask, steps)
+    assert isinstance(cache, PagedGPT2Cache) and counter.calls == 2 * (1 + len(steps))
+    assert cache.pool.num_blocks > 3 * 3, "the pool should have grown past the 3 x 3 blocks of the prompt step"
+    assert [cache.pool.seq_len(s) for s in range(3)] == [n + 11 for n in (9, 5, 7)]  # padding never stored
+    real = mask.bool()
+    for step, (want, have) in enumerate(zip(expected, got)):
+        if step == 0:                       # HF's logits at padding positions are meaningless: compare real ones
+            want, have = want[real], have[real]
+        assert torch.isfinite(have).all()
+        torch.testing.assert_close(have.float(), want.float(), atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype],
+                                   msg=lambda m: f"step {step}: {m}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["batch1", "left_padded_batch3"])
+def test_greedy_generate_matches_hf(backend, case, monkeypatch):
+    model = make_model(n_head=2)            # Triton's CPU interpreter runs one program per sequence and head
+    if case == "batch1":
+        ids, mask = padded_batch(prompt_lens=(7,))
+    else:
+        ids, mask = padded_batch()
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=64, do_sample=False)
+    assert len(set(expected[0, -64:].tolist())) > 8, "the reference should not be degenerate"
+    counter = AttendCounter(monkeypatch)
+    with kvkernels.patched(model, backend=backend):
+        got = model.generate(ids, attention_mask=mask, max_new_tokens=64, do_sample=False)
+    assert counter.calls == 2 * 64
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_sampling_num_return_sequences_matches_hf_with_same_seed():
+    # Equal logits and the same generator give HF's multinomial the same draws: sampling is exact too.
+    model = make_model()
+    ids, mask = padded_batch(prompt_lens=(6, 4))
+    kwargs = dict(attention_mask=mask, max_new_tokens=20, do_sample=True, temperature=0.7, top_k=50, top_p=0.9,
+                  repetition_penalty=1.2, num_return_sequences=3)
+    torch.manual_seed(5)
+    expected = model.generate(ids, **kwargs)
+    with kvkernels.patched(model, backend="torch"):
+        torch.manual_seed(5)
+        got = model.generate(ids, **kwargs)
+        torch.manual_seed(5)
+        again = model.generate(ids, **kwargs)
+    assert got.shape == (6, 26)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    torch.testing.assert_close(again, got, rtol=0, atol=0)
+
+
+def test_beam_search_matches_hf(monkeypatch):
+    model = make_model()
+    ids, mask = padded_batch(prompt_lens=(6, 4))
+    kwargs = dict(attention_mask=mask, max_new_tokens=10, num_beams=3, num_return_sequences=2, do_sample=False)
+    expected = model.generate(ids, **kwargs)
+    counter = AttendCounter(monkeypatch)
+    reorders = []
+    original = PagedGPT2Cache.reorder_cache
+    monkeypatch.setattr(PagedGPT2Cache, "reorder_cache",
+                        lambda cache, beam_idx: reorders.append(beam_idx) or original(cache, beam_idx))
+    with kvkernels.patched(model, backend="torch"):
+        got = model.generate(ids, **kwargs)
+    assert counter.calls == 2 * 10 and len(reorders) >= 8
+    assert any(not torch.equal(idx.cpu(), torch.arange(6)) for idx in reorders), "beams never moved"
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_use_cache_false_is_honoured(monkeypatch):
+    model = make_model()
+    ids, mask = padded_batch()
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=6, use_cache=False)
+    counter = AttendCounter(monkeypatch)
+    with kvkernels.patched(model):
+        got = model.generate(ids, attention_mask=mask, max_new_tokens=6, use_cache=False)
+    assert counter.calls == 0
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_second_generate_continues_from_returned_cache():
+    model = make_model()
+    ids, mask = padded_batch()
+    extra = torch.randint(2, 256, (3, 3), generator=torch.Generator().manual_seed(3)).to(DEVICE)
+
+    def two_calls():
+        first = model.generate(ids, attention_mask=mask, max_new_tokens=5, return_dict_in_generate=True)
+        ids2 = torch.cat([first.sequences, extra], dim=1)
+        mask2 = torch.cat([mask, torch.ones(3, 8, dtype=mask.dtype, device=DEVICE)], dim=1)
+        second = model.generate(ids2, attention_mask=mask2, past_key_values=first.past_key_values, max_new_tokens=6)
+        return first.past_key_values, second
+
+    expected_cache, expected = two_calls()
+    assert isinstance(expected_cache, DynamicCache)
+    with kvkernels.patched(model, backend="torch"):
+        cache, got = two_calls()
+    assert isinstance(cache, PagedGPT2Cache)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_unpatch_restores_exactly_and_patch_is_idempotent():
+    model = make_model()
+    modules = [model, model.transformer] + [block.attn for block in model.transformer.h]
+    before = [dict(m.__dict__) for m in modules]
+    kvkernels.patch(model)
+    assert model.transformer.h[0].attn.forward.__func__ is not type(model.transformer.h[0].attn).forward
+    once = [dict(m.__dict__) for m in modules]
+    assert kvkernels.patch(model, backend="torch") is model
+    assert [set(d) for d in once] == [set(m.__dict__) for m in modules]
+    assert model.transformer.h[0].attn.forward.__func__ is once[2]["forward"].__func__  # not wrapped twice
+    assert kvkernels.unpatch(model) is model
+    for module, saved in zip(modules, before):
+        assert set(module.__dict__) == set(saved)
+        assert module.forward.__func__ is type(module).forward
+    assert model._prepare_cache_for_generation.__func__ is type(model)._prepare_cache_for_generation
+    kvkernels.unpatch(model)                                       # unpatching twice is harmless
+
+
+def test_patched_context_manager_keeps_an_existing_patch():
+    model = make_model()
+    with kvkernels.patched(model) as same:
+        assert same is model and is_patched(model)
+    assert not is_patched(model)
+    kvkernels.patch(model, backend="torch", block_size=8)
+    with kvkernels.patched(model, block_size=4):
+        assert model.transformer._kvkernels_patch.options.block_size == 4
+    assert is_patched(model)
+    assert model.transformer._kvkernels_patch.options.block_size == 8
+
+
+def test_from_pretrained_then_patch(tmp_path):
+    model = make_model()
+    ids, mask = padded_batch()
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=12)
+    model.save_pretrained(tmp_path)
+    loaded = GPT2LMHeadModel.from_pretrained(tmp_path, attn_implementation="eager").to(DEVICE).eval()
+    kvkernels.patch(loaded, backend="torch")
+    torch.testing.assert_close(loaded.generate(ids, attention_mask=mask, max_new_tokens=12), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("overrides", [dict(scale_attn_by_inverse_layer_idx=True), dict(reorder_and_upcast_attn=True),
+                                       dict(scale_attn_weights=False, initializer_range=0.05)])
+def test_attention_scaling_configs(overrides):
+    model = make_model(**overrides)
+    ids, mask = padded_batch()
+    steps = [torch.full((3, 1), t, device=DEVICE) for t in (5, 77, 200)]
+    expected, _ = teacher_forced_logits(model, ids, mask, steps)
+    greedy = model.generate(ids, attention_mask=mask, max_new_tokens=16)
+    with kvkernels.patched(model, backend="torch"):
+        got, _ = teacher_forced_logits(model, ids, mask, steps)
+        torch.testing.assert_close(model.generate(ids, attention_mask=mask, max_new_tokens=16), greedy, rtol=0, atol=0)
+    real = mask.bool()
+    torch.testing.assert_close(got[0][real], expected[0][real], atol=1e-4, rtol=1e-4)
+    for have, want in zip(got[1:], expected[1:]):
+        torch.testing.assert_close(have, want, atol=1e-4, rtol=1e-4)
+
+
+def test_cache_dtype_and_pool_freed_after_generate(monkeypatch):
+    model = make_model(initializer_range=0.02)
+    ids, mask = padded_batch()
+    steps = [torch.full((3, 1), t, device=DEVICE) for t in (5, 77, 200)]
+    expected, _ = teacher_forced_logits(model, ids, mask, steps)
+    caches = []
+    original = PagedGPT2Cache.begin_step
+
+    def recording(cache, *args, **kwargs):
+        caches.append(weakref.ref(cache))
+        return original(cache, *args, **kwargs)
+    monkeypatch.setattr(PagedGPT2Cache, "begin_step", recording)
+    gc.disable()                                    # the pools must be freed by reference counting alone
+    try:
+        with kvkernels.patched(model, backend="torch", cache_dtype=torch.bfloat16):
+            got, cache = teacher_forced_logits(model, ids, mask, steps)
+            assert cache.pool.k_pools[0].dtype == torch.bfloat16
+            del cache
+            model.generate(ids, attention_mask=mask, max_new_tokens=4)
+        assert len(caches) == 4 + 4 and all(ref() is None for ref in caches)
+    finally:
+        gc.enable()
+    real = mask.bool()
+    torch.testing.assert_close(got[0][real], expected[0][real], atol=2e-2, rtol=2e-2)
+    for have, want in zip(got[1:], expected[1:]):
+        torch.testing.assert_close(have, want, atol=2e-2, rtol=2e-2)
+
+
+def test_gpt2_model_without_head():
+    model = make_model(model_class=GPT2Model)
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        expected = model(ids, attention_mask=mask).last_hidden_state
+        with kvkernels.patched(model, backend="torch"):
+            out = model(ids, attention_mask=mask)
+    assert isinstance(out.past_key_values, PagedGPT2Cache)
+    real = mask.bool()
+    torch.testing.assert_close(out.last_hidden_state[real], expected[real], atol=1e-5, rtol=1e-5)
+
+
+def test_output_attentions_and_training_fall_back(monkeypatch):
+    model = make_model(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        expected = model(ids, attention_mask=mask, output_attentions=True)
+    reference = model.generate(ids, attention_mask=mask, max_new_tokens=5, output_attentions=True,
+                               return_dict_in_generate=True)
+    counter = AttendCounter(monkeypatch)
+    with kvkernels.patched(model):
+        with torch.no_grad():
+            got = model(ids, attention_mask=mask, output_attentions=True)
+        generated = model.generate(ids, attention_mask=mask, max_new_tokens=5, output_attentions=True,
+                                   return_dict_in_generate=True)
+        model.train()
+        trained = model(ids, attention_mask=mask, labels=ids)               # gradients on, training mode
+        trained.loss.backward()
+        model.eval()
+        assert counter.calls == 0
+        with pytest.raises(ValueError, match="output_attentions"), torch.no_grad():
+            model(ids, attention_mask=mask, past_key_values=PagedGPT2Cache(model.config), output_attentions=True)
+    assert isinstance(got.past_key_values, DynamicCache) and len(got.attentions) == 2
+    for have, want in zip(got.attentions, expected.attentions):
+        torch.testing.assert_close(have, want, rtol=0, atol=0)
+    torch.testing.assert_close(generated.sequences, reference.sequences, rtol=0, atol=0)
+    assert model.transformer.wte.weight.grad is not None
+
+
+def test_bad_inputs_give_clear_errors_and_the_model_stays_usable():
+    model = make_model()
+    ids, mask = padded_batch()
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=8)
+    with pytest.raises(TypeError, match="GPT-2"):
+        kvkernels.patch(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="backend"):
+        kvkernels.patch(model, backend="tpu")
+    with pytest.raises(ValueError, match="block_size"):
+        kvkernels.patch(model, block_size=0)
+    with pytest.raises(ValueError, match="max_tokens"):
+        kvkernels.patch(model, max_tokens=-5)
+    with pytest.raises(TypeError, match="cache_dtype"):
+        kvkernels.patch(model, cache_dtype=torch.int8)
+    assert not is_patched(model)
+
+    kvkernels.patch(model, backend="torch")
+    long_prompt = torch.randint(2, 256, (1, 130), device=DEVICE)
+    with pytest.raises(ValueError, match="n_positions=128"):
+        model.generate(long_prompt, max_new_tokens=4)
+    with pytest.raises(ValueError, match="n_positions=128"):
+        model.generate(ids, attention_mask=mask, max_new_tokens=125)
+    with torch.no_grad(), pytest.raises(ValueError, match="n_positions"):
+        model(long_prompt)
+    torch.testing.assert_close(model.generate(ids, attention_mask=mask, max_new_tokens=8), expected, rtol=0, atol=0)
+
+    kvkernels.patch(model, backend="torch", max_tokens=32)           # 3 prompts need 9 + 5 + 7 tokens first
+    with pytest.raises(kvkernels.CacheFullError, match="max_tokens=32"):
+        model.generate(ids, attention_mask=mask, max_new_tokens=8)
+    kvkernels.patch(model, backend="torch", max_tokens=3 * 17)
+    torch.testing.assert_close(model.generate(ids, attention_mask=mask, max_new_tokens=8), expected, rtol=0, atol=0)
+    kvkernels.unpatch(model)
+    torch.testing.assert_close(model.generate(ids, attention_mask=mask, max_new_tokens=8), expected, rtol=0, atol=0)
+
+
+def test_failed_step_is_rolled_back(monkeypatch):
+    model = make_model()
+    ids, mask = padded_batch()
+    steps = [torch.full((3, 1), t, device=DEVICE) for t in (9, 42)]
+    expected, _ = teacher_forced_logits(model, ids, mask, steps)
+    with kvkernels.patched(model, backend="torch"), torch.no_grad():
+        cache = model(ids, attention_mask=mask).past_key_values
+        lengths = [cache.pool.seq_len(s) for s in range(3)]
+
+        def failing_mlp(hidden_states):              # layer 0 has already written this step's K/V
+            raise RuntimeError("injected failure")
+        monkeypatch.setattr(model.transformer.h[1].mlp, "forward", failing_mlp)
+        with pytest.raises(RuntimeError, match="injected failure"):
+            model(steps[0], attention_mask=torch.cat([mask, torch.ones_like(steps[0])], 1), past_key_values=cache)
+        monkeypatch.undo()
+        assert [cache.pool.seq_len(s) for s in range(3)] == lengths and cache.get_seq_length() == 9
+        for step, chunk in enumerate(steps):
+            mask = torch.cat([mask, torch.ones_like(chunk)], dim=1)
+            out = model(chunk, attention_mask=mask, past_key_values=cache)
+            torch.testing.assert_close(out.logits, expected[step + 1], atol=1e-4, rtol=1e-4)
