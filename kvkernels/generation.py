@@ -8,6 +8,10 @@ and updates device tensors that never move:
 The step (embedding, every layer with write_kv_cache + paged_decode_attention, lm_head, sampling, the EOS
 bookkeeping) is one Python function: it runs eagerly on the CPU, and on CUDA it is captured once and
 replayed per token. The host reads the device only every EOS_CHECK_EVERY tokens (each token for a streamer).
+
+The pool, those tensors and the captured graph stay on the model after a call (`_Session`), so a later call
+with the same batch, lengths budget and settings refills them in place and replays without capturing again.
+`release(model)` frees them.
 """
 import functools
 from dataclasses import dataclass
@@ -42,6 +46,24 @@ class _DecodeState:
     def mutable(self):
         return [t for t in (self.tokens, self.lengths, self.finished, self.done_at, self.step, self.out, self.seen)
                 if t is not None]
+
+
+@dataclass
+class _Session:
+    """What one generate configuration keeps between calls: the captured step points into all of it."""
+    key: tuple
+    pool: PagedKVCache
+    runner: "_Runner"
+    state: _DecodeState
+    replay: object = None       # the captured decode step, once captured
+
+
+_SESSION = "_kvkernels_generate_session"
+
+
+def release(model) -> None:
+    """Frees the paged pool and CUDA graph that kvkernels.generate keeps on `model` for reuse."""
+    model.__dict__.pop(_SESSION, None)
 
 
 class _Runner:
@@ -196,6 +218,48 @@ def _check_inputs(model, input_ids, attention_mask, max_new_tokens):
     return base, lm_head, input_ids, real, lengths
 
 
+def _session(model, base, lm_head, params, lengths, max_new_tokens, eos, pad, backend, block_size) -> _Session:
+    """The model's kept session if this call fits it, else a new one (replacing the old, freed first)."""
+    batch, device, dtype = len(lengths), base.wte.weight.device, base.wte.weight.dtype
+    blocks_per_seq = blocks_for(max(lengths) + max_new_tokens, block_size)
+    key = (batch, blocks_per_seq, block_size, max_new_tokens, params, tuple(eos), pad, backend, device, dtype,
+           tuple(p.data_ptr() for p in base.parameters()))
+    session = model.__dict__.get(_SESSION)
+    if session is not None and session.key == key:
+        return session
+    release(model)
+    attn = base.h[0].attn
+    pool = PagedKVCache(len(base.h), attn.num_heads, attn.head_dim, max_batch_size=batch,
+                        num_blocks=batch * blocks_per_seq, block_size=block_size, max_blocks_per_seq=blocks_per_seq,
+                        dtype=dtype, device=device, backend=backend)
+    state = _DecodeState(
+        tokens=torch.zeros(batch, dtype=torch.long, device=device),
+        lengths=torch.zeros(batch, dtype=torch.int32, device=device),
+        finished=torch.zeros(batch, dtype=torch.bool, device=device),
+        done_at=torch.zeros(batch, dtype=torch.long, device=device),
+        step=torch.zeros(1, dtype=torch.long, device=device),
+        out=torch.zeros(batch, max_new_tokens, dtype=torch.long, device=device),
+        seen=torch.zeros(batch, lm_head.out_features, dtype=torch.bool, device=device) if params.uses_penalty else None,
+        eos=torch.tensor(eos, dtype=torch.long, device=device), pad=pad)
+    session = _Session(key, pool, _Runner(base, lm_head, pool, batch, params), state)
+    model.__dict__[_SESSION] = session
+    return session
+
+
+def _reset_state(state: _DecodeState, input_ids, real, lengths):
+    """Refills a session's state tensors in place (the captured graph holds their addresses)."""
+    state.tokens.zero_()
+    state.lengths.copy_(torch.tensor(lengths, dtype=torch.int32))
+    state.finished.zero_()
+    state.done_at.fill_(state.out.shape[1])
+    state.step.zero_()
+    state.out.fill_(state.pad)
+    if state.seen is not None:
+        state.seen.zero_()
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(input_ids)
+        state.seen[rows[real], input_ids[real]] = True                      # padding never counts as present
+
+
 @torch.no_grad()
 def generate(model, input_ids, attention_mask=None, *, max_new_tokens, do_sample=False, temperature=1.0, top_k=0,
              top_p=1.0, repetition_penalty=1.0, eos_token_id=None, pad_token_id=None, cuda_graph=True, streamer=None,
@@ -230,33 +294,20 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens, do_sample
     if pad_token_id is None:
         pad_token_id = getattr(gen_config, "pad_token_id", None)
     pad_token_id = (eos[0] if eos else 0) if pad_token_id is None else pad_token_id
-    device, dtype = input_ids.device, base.wte.weight.dtype
-    batch, prompt_len = input_ids.shape
-    attn = base.h[0].attn
-    pool = PagedKVCache(len(base.h), attn.num_heads, attn.head_dim, max_batch_size=batch,
-                        num_blocks=sum(blocks_for(n + max_new_tokens, block_size) for n in lengths),
-                        block_size=block_size, max_blocks_per_seq=blocks_for(max(lengths) + max_new_tokens, block_size),
-                        dtype=dtype, device=device, backend=resolve_backend(backend, device))
-    pool.reserve(range(batch), [n + max_new_tokens for n in lengths])      # every block table filled up front
-    runner = _Runner(base, lm_head, pool, batch, params)
-    seen = None
-    if params.uses_penalty:
-        seen = torch.zeros(batch, lm_head.out_features, dtype=torch.bool, device=device)
-        rows = torch.arange(batch, device=device)[:, None].expand_as(input_ids)
-        seen[rows[real], input_ids[real]] = True                            # padding never counts as present
-    state = _DecodeState(
-        tokens=torch.zeros(batch, dtype=torch.long, device=device),
-        lengths=torch.tensor(lengths, dtype=torch.int32, device=device),
-        finished=torch.zeros(batch, dtype=torch.bool, device=device),
-        done_at=torch.full((batch,), max_new_tokens, dtype=torch.long, device=device),
-        step=torch.zeros(1, dtype=torch.long, device=device),
-        out=torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device),
-        seen=seen, eos=torch.tensor(eos, dtype=torch.long, device=device), pad=pad_token_id)
+    device = input_ids.device
+    session = _session(model, base, lm_head, params, lengths, max_new_tokens, eos, pad_token_id,
+                       resolve_backend(backend, device), block_size)
+    pool, runner, state = session.pool, session.runner, session.state
+    pool.reset()
+    pool.reserve(range(len(lengths)), [n + max_new_tokens for n in lengths])   # every block table filled up front
+    _reset_state(state, input_ids, real, lengths)
     if streamer is not None:
         streamer.put(input_ids.cpu())
     runner.select(runner.prefill(input_ids, real), state)
     if cuda_graph and _graphs_supported(device) and max_new_tokens > 1:
-        decode_step = _capture(runner, state)
+        if session.replay is None:
+            session.replay = _capture(runner, state)
+        decode_step = session.replay
     else:
         decode_step = functools.partial(runner.decode_step, state)
     # A streamer wants each token as it is made (HF streams per step); CPU ops are synchronous anyway.

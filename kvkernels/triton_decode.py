@@ -15,9 +15,9 @@ LOG2_E = 1.4426950408889634
 
 
 @triton.jit
-def _split_bounds(seq_len, split, MAX_SPLITS: tl.constexpr, MIN_SPLIT_TOKENS: tl.constexpr, TILE_N: tl.constexpr):
+def _split_bounds(seq_len, split, max_splits, MIN_SPLIT_TOKENS: tl.constexpr, TILE_N: tl.constexpr):
     # Per-sequence layout, recomputed identically by the merge kernel: short sequences use fewer splits.
-    num_splits = tl.minimum(tl.maximum(tl.cdiv(seq_len, MIN_SPLIT_TOKENS), 1), MAX_SPLITS)
+    num_splits = tl.minimum(tl.maximum(tl.cdiv(seq_len, MIN_SPLIT_TOKENS), 1), max_splits)
     tokens_per_split = tl.cdiv(tl.cdiv(seq_len, num_splits), TILE_N) * TILE_N
     start = split * tokens_per_split
     return start, tl.minimum(start + tokens_per_split, seq_len)
@@ -34,17 +34,18 @@ def _paged_decode_kernel(
     stride_tb,
     stride_ob, stride_oh,
     max_blocks_per_seq,
+    max_splits,  # runtime, so a growing context does not compile a kernel per split count
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr,
-    MAX_SPLITS: tl.constexpr, MIN_SPLIT_TOKENS: tl.constexpr,
+    SPLIT: tl.constexpr, MIN_SPLIT_TOKENS: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     # Clamp to the table's capacity so a bad length can never read past it.
     seq_len = tl.minimum(tl.load(seq_lens_ptr + seq), max_blocks_per_seq * BLOCK_SIZE)
-    start, end = _split_bounds(seq_len, split, MAX_SPLITS, MIN_SPLIT_TOKENS, TILE_N)
+    start, end = _split_bounds(seq_len, split, max_splits, MIN_SPLIT_TOKENS, TILE_N)
     if split > 0 and start >= seq_len:
         return  # this sequence needs fewer splits; the merge ignores this slot
 
@@ -83,12 +84,12 @@ def _paged_decode_kernel(
 
     out = acc / l[:, None]            # seq_len 0 gives 0 / 0 = NaN: loud, never a plausible answer
     out_mask = head_mask[:, None] & dim_mask[None, :]
-    if MAX_SPLITS == 1:
+    if not SPLIT:
         o_ptrs = out_ptr + seq * stride_ob + heads[:, None] * stride_oh + dims[None, :]
         tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=out_mask)
     else:
-        # partial_out: fp32 [B, H, MAX_SPLITS, HEAD_DIM] contiguous; partial_lse: fp32 [B, H, MAX_SPLITS]
-        row = (seq * (GROUP * tl.num_programs(1)) + heads).to(tl.int64) * MAX_SPLITS + split    # [G]
+        # partial_out: fp32 [B, H, max_splits, HEAD_DIM] contiguous; partial_lse: fp32 [B, H, max_splits]
+        row = (seq * (GROUP * tl.num_programs(1)) + heads).to(tl.int64) * max_splits + split    # [G]
         tl.store(partial_out_ptr + row[:, None] * HEAD_DIM + dims[None, :], out, mask=out_mask)
         tl.store(partial_lse_ptr + row, m + tl.log2(l), mask=head_mask)
 
@@ -96,19 +97,19 @@ def _paged_decode_kernel(
 @triton.jit
 def _merge_splits_kernel(
     partial_out_ptr, partial_lse_ptr, seq_lens_ptr, out_ptr,
-    stride_ob, stride_oh, num_heads, max_blocks_per_seq,
+    stride_ob, stride_oh, num_heads, max_blocks_per_seq, max_splits,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr,
-    MAX_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, MIN_SPLIT_TOKENS: tl.constexpr,
+    SPLITS_PAD: tl.constexpr, MIN_SPLIT_TOKENS: tl.constexpr,
 ):
     seq = tl.program_id(0)
     head = tl.program_id(1)
     seq_len = tl.minimum(tl.load(seq_lens_ptr + seq), max_blocks_per_seq * BLOCK_SIZE)
     splits = tl.arange(0, SPLITS_PAD)
-    start, _ = _split_bounds(seq_len, splits, MAX_SPLITS, MIN_SPLIT_TOKENS, TILE_N)
-    written = (splits < MAX_SPLITS) & (start < seq_len)                        # [S] slots the main kernel filled
+    start, _ = _split_bounds(seq_len, splits, max_splits, MIN_SPLIT_TOKENS, TILE_N)
+    written = (splits < max_splits) & (start < seq_len)                        # [S] slots the main kernel filled
     dims = tl.arange(0, HEAD_DIM_PAD)
     dim_mask = dims < HEAD_DIM
-    row = (seq * num_heads + head).to(tl.int64) * MAX_SPLITS + splits          # [S]
+    row = (seq * num_heads + head).to(tl.int64) * max_splits + splits          # [S]
     lse = tl.load(partial_lse_ptr + row, mask=written, other=float("-inf"))
     weights = tl.where(written, tl.exp2(lse - tl.max(lse, axis=0)), 0.0)       # [S]
     partial = tl.load(partial_out_ptr + row[:, None] * HEAD_DIM + dims[None, :],
@@ -154,15 +155,15 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, shape, s
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0),
         out.stride(0), out.stride(1),
-        shape.max_blocks_per_seq,
+        shape.max_blocks_per_seq, num_splits,
         HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, GROUP=group, GROUP_PAD=group_pad,
-        BLOCK_SIZE=shape.block_size, TILE_N=tile, MAX_SPLITS=num_splits, MIN_SPLIT_TOKENS=min_split_tokens,
+        BLOCK_SIZE=shape.block_size, TILE_N=tile, SPLIT=num_splits > 1, MIN_SPLIT_TOKENS=min_split_tokens,
     )
     if num_splits > 1:
         _merge_splits_kernel[(batch, num_heads)](
             partial_out, partial_lse, seq_lens, out,
-            out.stride(0), out.stride(1), num_heads, shape.max_blocks_per_seq,
+            out.stride(0), out.stride(1), num_heads, shape.max_blocks_per_seq, num_splits,
             HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_SIZE=shape.block_size, TILE_N=tile,
-            MAX_SPLITS=num_splits, SPLITS_PAD=triton.next_power_of_2(num_splits), MIN_SPLIT_TOKENS=min_split_tokens,
+            SPLITS_PAD=triton.next_power_of_2(num_splits), MIN_SPLIT_TOKENS=min_split_tokens,
         )
     return out

@@ -49,7 +49,7 @@ def decode_case(dtype, head_dim, group, splits):
     head_dim_pad, group_pad = triton.next_power_of_2(head_dim), triton.next_power_of_2(group)
     return triton_decode._paged_decode_kernel, dict(
         HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, GROUP=group, GROUP_PAD=group_pad, BLOCK_SIZE=16,
-        TILE_N=triton_decode._tile_tokens(group_pad, head_dim_pad), MAX_SPLITS=splits, MIN_SPLIT_TOKENS=256), dtype
+        TILE_N=triton_decode._tile_tokens(group_pad, head_dim_pad), SPLIT=splits > 1, MIN_SPLIT_TOKENS=256), dtype
 
 
 CASES = {
@@ -59,8 +59,7 @@ CASES = {
     "decode-fp32-d256-split4": decode_case("fp32", 256, 1, 4),
     "decode-fp16-d96-gqa3-split2": decode_case("fp16", 96, 3, 2),
     "merge-d64-split22": (triton_decode._merge_splits_kernel, dict(
-        HEAD_DIM=64, HEAD_DIM_PAD=64, BLOCK_SIZE=16, TILE_N=64, MAX_SPLITS=22, SPLITS_PAD=32,
-        MIN_SPLIT_TOKENS=256), "fp16"),
+        HEAD_DIM=64, HEAD_DIM_PAD=64, BLOCK_SIZE=16, TILE_N=64, SPLITS_PAD=32, MIN_SPLIT_TOKENS=256), "fp16"),
     "write-h12-d64": (triton_write_kv._write_kv_kernel, dict(
         NUM_KV_HEADS=12, HEADS_PAD=16, HEAD_DIM=64, HEAD_DIM_PAD=64, BLOCK_SIZE=16), "fp16"),
 }

@@ -207,6 +207,26 @@ def test_graph_path_warm_up_leaves_no_trace(monkeypatch):
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
+def test_kept_session_is_refilled_for_each_call():
+    """Calls with the same shapes reuse one pool (and graph); new prompts, penalties and EOS state are reset."""
+    from kvkernels import generation
+
+    model = make_model()
+    kwargs = dict(max_new_tokens=12, repetition_penalty=1.4, backend="torch")
+    first_ids, mask = padded_batch(prompt_lens=(6, 6), seed=1)
+    second_ids, _ = padded_batch(prompt_lens=(6, 6), seed=2)
+    sessions = []
+    for ids in (first_ids, second_ids, first_ids):
+        expected = model.generate(ids, attention_mask=mask, max_new_tokens=12, repetition_penalty=1.4)
+        torch.testing.assert_close(kvkernels.generate(model, ids, mask, **kwargs), expected, rtol=0, atol=0)
+        sessions.append(model.__dict__[generation._SESSION])
+    assert sessions[0] is sessions[1] is sessions[2], "same shapes and settings must reuse the kept session"
+    kvkernels.generate(model, first_ids, mask, max_new_tokens=13, backend="torch")
+    assert model.__dict__[generation._SESSION] is not sessions[0], "a new configuration replaces the session"
+    generation.release(model)
+    assert generation._SESSION not in model.__dict__
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_cuda_graph_matches_eager_and_hf(backend):
