@@ -24,6 +24,13 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def add_run_args(parser, quick_help: str) -> None:
+    """The --quick and --out flags every entry point takes."""
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--out", default=None, help="output folder (default: bench/results, or a temp folder "
+                                                     "with --quick)")
+
+
 def output_dir(out, quick: bool) -> Path:
     path = Path(out) if out else (QUICK_DIR if quick else RESULTS_DIR)
     path.mkdir(parents=True, exist_ok=True)

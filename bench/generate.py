@@ -26,8 +26,9 @@ import torch
 from tqdm import tqdm
 
 from . import plots
-from .common import (DTYPES, Stopwatch, default_device, environment, environment_markdown, error_string, fmt,
-                     free_device_memory, load_for_append, markdown_table, merge_rows, output_dir, spread, write_json)
+from .common import (DTYPES, Stopwatch, add_run_args, default_device, environment, environment_markdown, error_string,
+                     fmt, free_device_memory, load_for_append, markdown_table, merge_rows, output_dir, spread,
+                     write_json)
 from .models import TokenClock, build_model, mode_table, random_prompt, token_gaps_ms, weight_bytes
 
 REFERENCE_MODE = "hf_dynamic"
@@ -246,9 +247,7 @@ def run(config: GenerateConfig, device, out_dir, *, name="generate", append=Fals
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench.generate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny GPT-2, few tokens: a CPU smoke run in seconds")
-    parser.add_argument("--out", default=None, help="output folder (default: bench/results, or a temp folder "
-                                                     "with --quick)")
+    add_run_args(parser, "tiny GPT-2, few tokens: a CPU smoke run in seconds")
     parser.add_argument("--name", default="generate", help="stem of the output files, to keep several runs apart")
     parser.add_argument("--append", action="store_true",
                         help="add this run's rows to an existing <name>.json (same device, versions and settings), "

@@ -27,8 +27,8 @@ from kvkernels.ops import resolve_backend
 from kvkernels.split import choose_num_splits, num_sms
 
 from . import plots
-from .common import (DTYPES, Stopwatch, bench_us, default_device, environment, environment_markdown, error_string,
-                     fmt, free_device_memory, markdown_table, output_dir, write_json)
+from .common import (DTYPES, Stopwatch, add_run_args, bench_us, default_device, environment, environment_markdown,
+                     error_string, fmt, free_device_memory, markdown_table, output_dir, write_json)
 
 COLUMNS = ("triton", "cuda", "torch", "sdpa")
 COLUMN_TITLES = {"triton": "kvkernels triton", "cuda": "kvkernels cuda", "torch": "torch reference",
@@ -286,9 +286,7 @@ def run(grid: KernelGrid, device, out_dir, *, progress=True) -> dict:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench.kernels", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny grid that runs on CPU in seconds (CI smoke run)")
-    parser.add_argument("--out", default=None, help="output folder (default: bench/results, or a temp folder "
-                                                     "with --quick)")
+    add_run_args(parser, "tiny grid that runs on CPU in seconds (CI smoke run)")
     parser.add_argument("--batches", type=int, nargs="+", help="override the batch sizes")
     parser.add_argument("--contexts", type=int, nargs="+", help="override the context lengths (tokens)")
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), help="override the dtypes")

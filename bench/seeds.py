@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from . import plots
-from .common import (Stopwatch, default_device, environment, environment_markdown, error_string, fmt,
+from .common import (Stopwatch, add_run_args, default_device, environment, environment_markdown, error_string, fmt,
                      free_device_memory, load_for_append, markdown_table, merge_rows, output_dir, spread, write_json)
 from .models import Prompt, build_model, hf_generate, kvkernels_generate, kvkernels_patch, random_prompt
 
@@ -261,9 +261,7 @@ def markdown(result) -> str:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench.seeds", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny GPT-2, 4 tokens per experiment: CPU smoke run")
-    parser.add_argument("--out", default=None, help="output folder (default: bench/results, or a temp folder "
-                                                     "with --quick)")
+    add_run_args(parser, "tiny GPT-2, 4 tokens per experiment: CPU smoke run")
     parser.add_argument("--seeds", nargs="+", help="seed file prefixes to run, e.g. 000 001 (default: all)")
     parser.add_argument("--append", action="store_true",
                         help="add these seeds to an existing seeds.json (same device, versions, --quick and --seed)")

@@ -71,3 +71,26 @@ def nan_output(q):
 
 
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float64: 1e-10}
+
+
+def make_gpt2(seed=0, dtype=torch.float32, model_class=None, device="cpu", **overrides):
+    """Tiny random GPT-2 with eager attention. initializer_range 0.3 spreads the logits: varied greedy tokens and
+    no near-ties. Two heads keep Triton's CPU interpreter (one program per sequence and head) quick."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = dict(n_layer=2, n_head=2, n_embd=64, vocab_size=256, n_positions=128, bos_token_id=0, eos_token_id=1,
+                  pad_token_id=0, initializer_range=0.3, attn_implementation="eager")
+    config.update(overrides)
+    torch.manual_seed(seed)
+    return (model_class or GPT2LMHeadModel)(GPT2Config(**config)).to(device, dtype).eval()
+
+
+def padded_batch(prompt_lens=(9, 5, 7), vocab=256, seed=1, device="cpu"):
+    """Left-padded prompts: input_ids and attention_mask [len(prompt_lens), max(prompt_lens)]."""
+    generator = torch.Generator().manual_seed(seed)
+    width = max(prompt_lens)
+    ids = torch.randint(2, vocab, (len(prompt_lens), width), generator=generator)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(prompt_lens):
+        mask[row, width - n:] = 1
+    return ids.masked_fill(mask == 0, 0).to(device), mask.to(device)

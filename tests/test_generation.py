@@ -1,36 +1,22 @@
 """kvkernels.generate (own prefill + decode loop over the paged cache) and its sampling, against HF generate."""
+import functools
+
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, GPT2Model
+from transformers import GPT2Model
 from transformers.generation.logits_process import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor,
                                                     TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
+import helpers
 import kvkernels
 from conftest import DEVICE, kernel_backends
+from helpers import make_gpt2
 from kvkernels.sampling import SamplingParams, process_logits, select_tokens
 
 BACKENDS = kernel_backends()
 
-
-def make_model(seed=0, dtype=torch.float32, **overrides):
-    """Tiny random GPT-2; initializer_range 0.3 spreads the logits: varied greedy tokens, no near-ties.
-    Two heads keep Triton's CPU interpreter (one program per sequence and head) quick."""
-    config = dict(n_layer=2, n_head=2, n_embd=64, vocab_size=256, n_positions=128, bos_token_id=0, eos_token_id=1,
-                  pad_token_id=0, initializer_range=0.3, attn_implementation="eager")
-    config.update(overrides)
-    torch.manual_seed(seed)
-    return GPT2LMHeadModel(GPT2Config(**config)).to(DEVICE, dtype).eval()
-
-
-def padded_batch(prompt_lens=(9, 5, 7), vocab=256, seed=1):
-    """Left-padded prompts: input_ids and attention_mask [len(prompt_lens), max(prompt_lens)] on DEVICE."""
-    generator = torch.Generator().manual_seed(seed)
-    width = max(prompt_lens)
-    ids = torch.randint(2, vocab, (len(prompt_lens), width), generator=generator)
-    mask = torch.zeros_like(ids)
-    for row, n in enumerate(prompt_lens):
-        mask[row, width - n:] = 1
-    return ids.masked_fill(mask == 0, 0).to(DEVICE), mask.to(DEVICE)
+make_model = functools.partial(make_gpt2, device=DEVICE)
+padded_batch = functools.partial(helpers.padded_batch, device=DEVICE)
 
 
 class RecordingStreamer:

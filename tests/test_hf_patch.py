@@ -1,39 +1,24 @@
 """kvkernels.patch(model): HF GPT-2 generate and forward on the paged cache, exact against unpatched HF eager."""
+import functools
 import gc
 import weakref
 
 import pytest
 import torch
-from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel, GPT2Model
+from transformers import DynamicCache, GPT2LMHeadModel, GPT2Model
 
+import helpers
 import kvkernels
 from conftest import DEVICE, kernel_backends
+from helpers import make_gpt2
 from kvkernels.hf_cache import PagedGPT2Cache
 from kvkernels.hf_patch import is_patched
 
 BACKENDS = kernel_backends()
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 2e-2}
 
-
-def make_model(seed=0, dtype=torch.float32, model_class=GPT2LMHeadModel, **overrides):
-    """Tiny random GPT-2, eager attention; initializer_range 0.3 spreads the logits: varied greedy tokens, no
-    near-ties."""
-    config = dict(n_layer=2, n_head=4, n_embd=64, vocab_size=256, n_positions=128, bos_token_id=0, eos_token_id=1,
-                  pad_token_id=0, initializer_range=0.3, attn_implementation="eager")
-    config.update(overrides)
-    torch.manual_seed(seed)
-    return model_class(GPT2Config(**config)).to(DEVICE, dtype).eval()
-
-
-def padded_batch(prompt_lens=(9, 5, 7), vocab=256, seed=1):
-    """Left-padded prompts: input_ids and attention_mask [len(prompt_lens), max(prompt_lens)] on DEVICE."""
-    generator = torch.Generator().manual_seed(seed)
-    width = max(prompt_lens)
-    ids = torch.randint(2, vocab, (len(prompt_lens), width), generator=generator)
-    mask = torch.zeros_like(ids)
-    for row, n in enumerate(prompt_lens):
-        mask[row, width - n:] = 1
-    return ids.masked_fill(mask == 0, 0).to(DEVICE), mask.to(DEVICE)
+make_model = functools.partial(make_gpt2, device=DEVICE, n_head=4)
+padded_batch = functools.partial(helpers.padded_batch, device=DEVICE)
 
 
 class AttendCounter:
