@@ -24,6 +24,12 @@ def _split_bounds(seq_len, split, max_splits, MIN_SPLIT_TOKENS: tl.constexpr, TI
 
 
 @triton.jit
+def _clamped_seq_len(seq_lens_ptr, seq, max_blocks_per_seq, BLOCK_SIZE: tl.constexpr):
+    # Into [0, table capacity], so a bad length can never read past the table; 0 yields NaN (0 / 0).
+    return tl.minimum(tl.maximum(tl.load(seq_lens_ptr + seq), 0), max_blocks_per_seq * BLOCK_SIZE)
+
+
+@triton.jit
 def _paged_decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
     out_ptr, partial_out_ptr, partial_lse_ptr,
@@ -43,8 +49,7 @@ def _paged_decode_kernel(
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    # Clamp to the table's capacity so a bad length can never read past it.
-    seq_len = tl.minimum(tl.load(seq_lens_ptr + seq), max_blocks_per_seq * BLOCK_SIZE)
+    seq_len = _clamped_seq_len(seq_lens_ptr, seq, max_blocks_per_seq, BLOCK_SIZE)
     start, end = _split_bounds(seq_len, split, max_splits, MIN_SPLIT_TOKENS, TILE_N)
     if split > 0 and start >= seq_len:
         return  # this sequence needs fewer splits; the merge ignores this slot
@@ -103,7 +108,7 @@ def _merge_splits_kernel(
 ):
     seq = tl.program_id(0)
     head = tl.program_id(1)
-    seq_len = tl.minimum(tl.load(seq_lens_ptr + seq), max_blocks_per_seq * BLOCK_SIZE)
+    seq_len = _clamped_seq_len(seq_lens_ptr, seq, max_blocks_per_seq, BLOCK_SIZE)
     splits = tl.arange(0, SPLITS_PAD)
     start, _ = _split_bounds(seq_len, splits, max_splits, MIN_SPLIT_TOKENS, TILE_N)
     written = (splits < max_splits) & (start < seq_len)                        # [S] slots the main kernel filled

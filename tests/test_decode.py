@@ -153,3 +153,24 @@ def test_cuda_graph_replay_follows_new_lengths_and_tables(backend):
         graph.replay()
         expected = kvkernels.paged_decode_attention(*p.args(), backend=backend)
         torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy sees the intended 0 / 0
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_triton_out_of_range_lengths_stay_in_bounds(num_splits):
+    """Unvalidated lengths: past the table -> clamped to its capacity; 0 or negative -> NaN, never a read."""
+    p = make_problem([20, 9, 9], num_heads=2, num_kv_heads=2, head_dim=32, block_size=8, extra_table_cols=0,
+                     device=DEVICE)
+    capacity = p.block_tables.shape[1] * 8
+    last_block = int(p.block_tables[0, -1])
+    p.k_cache[last_block, 4:] = torch.randn(4, 2, 32, dtype=p.k_cache.dtype, device=DEVICE)  # tokens 20..23 finite
+    p.v_cache[last_block, 4:] = torch.randn(4, 2, 32, dtype=p.v_cache.dtype, device=DEVICE)
+    p.seq_lens = torch.tensor([1000, 0, -4], dtype=torch.int32, device=DEVICE)
+    out = nan_output(p.q)
+    triton_decode.paged_decode_attention(*p.args(), check_decode_inputs(*p.args()), 32 ** -0.5, out,
+                                         num_splits=num_splits, min_split_tokens=16)
+    assert out[1:].isnan().all(), "an empty sequence must give NaN, not a plausible answer"
+    p.seq_lens = torch.tensor([capacity, 1, 1], dtype=torch.int32, device=DEVICE)
+    expected = reference.paged_decode_attention(*p.args())
+    assert expected[0].isfinite().all()
+    torch.testing.assert_close(out[0], expected[0], rtol=2e-5, atol=2e-5)
