@@ -190,7 +190,7 @@ def main(argv=None):
             keeps_session = name.startswith("kvkernels.generate")
             seconds, _ = timed(fn, ids, new_tokens if keeps_session else min(4, new_tokens), device)
             if keeps_session:
-                first_calls.append(f"{name}: first call {seconds:.2f} s "
+                first_calls.append(f"note: the first {name} call took {seconds:.2f} s "
                                    "(pool setup, kernel compile and, on a GPU, graph capture)")
             bar.update()
             bar.set_postfix_str(name)

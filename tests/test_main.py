@@ -35,6 +35,7 @@ def test_runs_every_method_and_they_agree(capsys):
     tokens_per_second, ms_per_token, new_tokens = numbers[0]
     assert float(tokens_per_second) > 0 and float(ms_per_token) > 0 and int(new_tokens) == 3
     assert "token ids [" in out                             # no tokenizer: the ids are printed
+    assert re.search(r"^note: the first kvkernels\.generate call took [\d.]+ s", out, re.M)
 
 
 def test_local_model_directory(tmp_path, capsys):
