@@ -140,9 +140,12 @@ def check_slot_values(slot_mapping, num_slots: int) -> None:
     """Slots must be -1 (skip) or in [0, num_slots), each used at most once. One sync on GPU; skipped under capture."""
     if slot_mapping.numel() == 0 or _capturing(slot_mapping.device):
         return
-    used = slot_mapping[slot_mapping >= 0]
-    lo, hi = int(slot_mapping.min()), int(slot_mapping.max())
-    if lo < -1 or hi >= num_slots:
-        raise ValueError(f"slot_mapping values must be -1 (skip) or in [0, {num_slots}), got range [{lo}, {hi}]")
-    if used.numel() != used.unique().numel():
+    ordered = slot_mapping.sort().values
+    out_of_range = (ordered[0] < -1) | (ordered[-1] >= num_slots)
+    repeated = ((ordered[1:] == ordered[:-1]) & (ordered[1:] >= 0)).any()
+    flags = torch.stack([out_of_range, repeated]).tolist()
+    if flags[0]:
+        raise ValueError(f"slot_mapping values must be -1 (skip) or in [0, {num_slots}), "
+                         f"got range [{int(ordered[0])}, {int(ordered[-1])}]")
+    if flags[1]:
         raise ValueError("slot_mapping writes the same slot more than once")

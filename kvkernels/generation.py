@@ -154,25 +154,35 @@ class _Runner:
 
 
 def _warm_up(runner: _Runner, state: _DecodeState, steps: int = 2):
-    """Runs decode steps (compiling the kernels) and undoes their effect on the state. The K/V they wrote
-    sit in slots that the real steps overwrite before reading them."""
+    """Runs decode steps (compiling the kernels) and undoes their effect on the state and on the random
+    generator, so a call that captures samples exactly like one that replays. The K/V they wrote sit in
+    slots that the real steps overwrite before reading them. `steps` must stay below the output columns
+    left (state.out has max_new_tokens; prefill filled the first)."""
+    device = state.tokens.device
     saved = [t.clone() for t in state.mutable()]
+    rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
     for _ in range(steps):
         runner.decode_step(state)
     for t, value in zip(state.mutable(), saved):
         t.copy_(value)
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(rng, device)
+    else:
+        torch.set_rng_state(rng)
 
 
-def _graphs_supported(device: torch.device) -> bool:
-    return device.type == "cuda"
+def _graphs_supported(device: torch.device, backend: str) -> bool:
+    # The PyTorch reference writes K/V through boolean indexing, a host sync that capture forbids; it is
+    # the oracle, not the fast path, so it runs eagerly.
+    return device.type == "cuda" and backend != "torch"
 
 
-def _capture(runner: _Runner, state: _DecodeState):
+def _capture(runner: _Runner, state: _DecodeState, warm_up_steps: int):
     """Captures one decode step as a CUDA graph (warmed up on a side stream first); returns its replay."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        _warm_up(runner, state)
+        _warm_up(runner, state, warm_up_steps)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -223,7 +233,7 @@ def _session(model, base, lm_head, params, lengths, max_new_tokens, eos, pad, ba
     batch, device, dtype = len(lengths), base.wte.weight.device, base.wte.weight.dtype
     blocks_per_seq = blocks_for(max(lengths) + max_new_tokens, block_size)
     key = (batch, blocks_per_seq, block_size, max_new_tokens, params, tuple(eos), pad, backend, device, dtype,
-           tuple(p.data_ptr() for p in base.parameters()))
+           tuple(p.data_ptr() for p in model.parameters()))
     session = model.__dict__.get(_SESSION)
     if session is not None and session.key == key:
         return session
@@ -274,7 +284,8 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens, do_sample
         do_sample, temperature, top_k, top_p, repetition_penalty: as in HF generate (greedy by default).
         eos_token_id: int or list; None takes model.generation_config.eos_token_id, [] disables stopping.
         pad_token_id: emitted after a sequence's EOS; None takes the generation config's pad, else the first EOS.
-        cuda_graph: capture the decode step once and replay it (CUDA only; the CPU always runs eagerly).
+        cuda_graph: capture the decode step once and replay it (CUDA with the Triton or CUDA backend; the CPU
+            and the PyTorch reference backend run eagerly).
         streamer: HF streamer protocol: `put(prompt ids [B, P])` first, then `put(tokens [B])` per step, `end()`.
         backend: kernel backend, "auto" | "triton" | "cuda" | "torch".
         block_size: tokens per page.
@@ -304,9 +315,9 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens, do_sample
     if streamer is not None:
         streamer.put(input_ids.cpu())
     runner.select(runner.prefill(input_ids, real), state)
-    if cuda_graph and _graphs_supported(device) and max_new_tokens > 1:
+    if cuda_graph and _graphs_supported(device, pool.backend) and max_new_tokens > 1:
         if session.replay is None:
-            session.replay = _capture(runner, state)
+            session.replay = _capture(runner, state, warm_up_steps=min(2, max_new_tokens - 1))
         decode_step = session.replay
     else:
         decode_step = functools.partial(runner.decode_step, state)

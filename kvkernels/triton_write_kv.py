@@ -5,7 +5,7 @@ import triton.language as tl
 
 @triton.jit
 def _write_kv_kernel(
-    k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
+    k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr, num_slots,
     stride_kn, stride_kh, stride_kd,
     stride_vn, stride_vh, stride_vd,
     stride_ckb, stride_ckt, stride_ckh,
@@ -15,8 +15,8 @@ def _write_kv_kernel(
 ):
     token = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_mapping_ptr + token)
-    if slot < 0:
-        return  # padding token: vLLM's convention, nothing to write
+    if slot < 0 or slot >= num_slots:
+        return  # -1 is a padding token (vLLM's convention); past the pool only unvalidated input gets here
     block = slot // BLOCK_SIZE
     offset = slot % BLOCK_SIZE
     heads = tl.arange(0, HEADS_PAD)
@@ -40,7 +40,7 @@ def write_kv_cache(k, v, k_cache, v_cache, slot_mapping):
         return
     _, block_size, num_kv_heads, head_dim = k_cache.shape
     _write_kv_kernel[(num_tokens,)](
-        k, v, k_cache, v_cache, slot_mapping,
+        k, v, k_cache, v_cache, slot_mapping, k_cache.shape[0] * block_size,
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),

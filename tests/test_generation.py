@@ -176,21 +176,40 @@ def test_bad_inputs_give_clear_errors():
     torch.testing.assert_close(kvkernels.generate(model, ids, mask, max_new_tokens=5), expected, rtol=0, atol=0)
 
 
-def test_graph_path_warm_up_leaves_no_trace(monkeypatch):
-    # The CUDA-graph branch on the CPU: capture replaced by its warm-up plus the eager step. Warm-up steps
-    # advance every state tensor and write K/V ahead; generation must not notice.
+@pytest.fixture
+def graph_branch_on_cpu(monkeypatch):
+    """The CUDA-graph branch on the CPU: capture replaced by its real warm-up plus the eager step."""
     from kvkernels import generation
 
-    def eager_capture(runner, state):
-        generation._warm_up(runner, state, steps=3)
+    def eager_capture(runner, state, warm_up_steps):
+        generation._warm_up(runner, state, warm_up_steps)
         return lambda: runner.decode_step(state)
-    monkeypatch.setattr(generation, "_graphs_supported", lambda device: True)
+    monkeypatch.setattr(generation, "_graphs_supported", lambda device, backend: True)
     monkeypatch.setattr(generation, "_capture", eager_capture)
+
+
+@pytest.mark.parametrize("max_new_tokens", [2, 3, 20])
+def test_graph_path_warm_up_leaves_no_trace(graph_branch_on_cpu, max_new_tokens):
+    """Warm-up steps advance every state tensor and write K/V ahead; generation must not notice, down to
+    the shortest run that captures (2 tokens: one column left for the warm-up)."""
     model = make_model()
     ids, mask = padded_batch(prompt_lens=(7, 7))     # unpadded: HF versions differ on penalising padding
-    expected = model.generate(ids, attention_mask=mask, max_new_tokens=20, repetition_penalty=1.3)
-    got = kvkernels.generate(model, ids, mask, max_new_tokens=20, repetition_penalty=1.3, backend="torch")
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, repetition_penalty=1.3)
+    got = kvkernels.generate(model, ids, mask, max_new_tokens=max_new_tokens, repetition_penalty=1.3,
+                             backend="torch")
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_graph_path_warm_up_leaves_the_random_stream_alone(graph_branch_on_cpu):
+    """With one seed, the call that captures (warm-up included) samples the same tokens as an eager call."""
+    model = make_model()
+    ids, mask = padded_batch(prompt_lens=(5, 5))
+    kwargs = dict(max_new_tokens=10, do_sample=True, top_k=30, backend="torch")
+    torch.manual_seed(11)
+    captured = kvkernels.generate(model, ids, mask, **kwargs)
+    torch.manual_seed(11)
+    eager = kvkernels.generate(model, ids, mask, cuda_graph=False, **kwargs)
+    torch.testing.assert_close(captured, eager, rtol=0, atol=0)
 
 
 def test_kept_session_is_refilled_for_each_call():

@@ -50,3 +50,16 @@ def test_write_then_decode_round_trip(backend):
                                            torch.tensor([steps], dtype=torch.int32, device=DEVICE), backend=backend)
     probs = torch.softmax(torch.einsum("hd,lhd->hl", q[0], ks) * dim ** -0.5, dim=-1)
     torch.testing.assert_close(out[0].cpu(), torch.einsum("hl,lhd->hd", probs, vs), rtol=1e-5, atol=1e-5)
+
+
+def test_triton_write_never_goes_past_the_pool():
+    """Unvalidated slots past the pool are dropped by the kernel, not written out of bounds: the pools are
+    views of larger buffers, so a stray write would land in the block right after them."""
+    k_buffer = torch.zeros(3, 4, 1, 8, device=DEVICE)
+    v_buffer = torch.zeros_like(k_buffer)
+    k_cache, v_cache = k_buffer[:2], v_buffer[:2]                   # 8 slots
+    k = torch.randn(2, 1, 8, device=DEVICE)
+    kvkernels.write_kv_cache(k, k, k_cache, v_cache, torch.tensor([3, 8], device=DEVICE), backend="triton",
+                             validate=False)
+    assert torch.equal(k_cache[0, 3], k[0]) and torch.equal(v_cache[0, 3], k[0])
+    assert k_buffer[2].count_nonzero() == 0 and v_buffer[2].count_nonzero() == 0, "slot 8 was written past the pool"
