@@ -1,4 +1,5 @@
 """The public kernel-level API: input checks, backend choice, dispatch."""
+import functools
 import importlib.util
 import os
 
@@ -15,9 +16,14 @@ def _unit_stride(x):
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+@functools.lru_cache(maxsize=None)
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None  # looked up once: this runs per layer per step
+
+
 def triton_available(device: torch.device) -> bool:
     """Triton runs CUDA tensors, or CPU tensors under its interpreter (TRITON_INTERPRET=1)."""
-    if importlib.util.find_spec("triton") is None:
+    if not _triton_installed():
         return False
     if device.type == "cuda":
         return True
