@@ -68,8 +68,8 @@ def parse_args(argv=None):
     parser.add_argument("--block-size", type=int, default=16, metavar="N",
                         help="tokens per page of the paged KV cache (default: %(default)s)")
     parser.add_argument("--do-sample", action="store_true",
-                        help="sample instead of greedy decoding (the methods then draw differently: no agreement "
-                             "check)")
+                        help="sample instead of greedy decoding (HF and kvkernels.generate then draw differently, so "
+                             "their tokens may differ)")
     parser.add_argument("--temperature", type=float, help="sampling temperature (needs --do-sample; default 1.0)")
     parser.add_argument("--top-k", type=int, help="keep the k most likely tokens (needs --do-sample; default: off)")
     parser.add_argument("--top-p", type=float, help="nucleus sampling mass (needs --do-sample; default: off)")
@@ -291,8 +291,7 @@ def first_difference(a, b):
 
 def report(results, batch, new_tokens, sampled) -> str:
     reference = results[0]
-    check = f"same tokens as {reference.name}" if not sampled else "tokens"
-    header = f"{'method':<36} {'tokens/s median (min-max)':>27} {'ms/token':>9}  {check}"
+    header = f"{'method':<36} {'tokens/s median (min-max)':>27} {'ms/token':>9}  same tokens as {reference.name}"
     lines = [header, "-" * len(header)]
     for r in results:
         if r.error:
@@ -301,14 +300,14 @@ def report(results, batch, new_tokens, sampled) -> str:
         rates = [batch * new_tokens / s for s in r.seconds]
         spread = f"{statistics.median(rates):,.1f} ({min(rates):,.1f}-{max(rates):,.1f})"
         ms = 1e3 * statistics.median(r.seconds) / new_tokens
-        if sampled:
-            same = "sampled: methods draw differently, not compared"
-        elif r is reference:
+        if r is reference:
             same = "(reference)"
         elif reference.tokens is None:
             same = "not compared: the reference failed"
         elif torch.equal(r.tokens, reference.tokens):
             same = "yes"
+        elif sampled:  # HF and kvkernels.generate turn the same random stream into different draws
+            same = f"no, from new token {first_difference(r.tokens, reference.tokens)} (sampled: expected)"
         else:
             same = f"NO (first difference at new token {first_difference(r.tokens, reference.tokens)})"
         lines.append(f"{r.name:<36} {spread:>27} {ms:>9.2f}  {same}")
