@@ -7,11 +7,16 @@ Layout per layer (NHD pages, what the kernels read):
 The allocator and a host mirror of tables and lengths live on the host, so appending tokens never
 reads the device. Only the rows of active sequences are meaningful to the kernels.
 """
+import numbers
 from dataclasses import dataclass
 
 import torch
 
 from .ops import paged_decode_attention, write_kv_cache
+
+
+# The dtypes the decode kernels compute in (fp32 accumulation).
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 class CacheFullError(RuntimeError):
@@ -94,6 +99,9 @@ class PagedKVCache:
                             ("max_batch_size", max_batch_size), ("block_size", block_size)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if dtype not in DTYPES:
+            raise TypeError(f"dtype must be one of {', '.join(map(str, DTYPES))} (what the kernels compute in), "
+                            f"got {dtype!r}")
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.block_size, self.max_batch_size = block_size, max_batch_size
         self.dtype, self.device, self.backend = dtype, torch.device(device), backend
@@ -119,7 +127,23 @@ class PagedKVCache:
     # -- bookkeeping ---------------------------------------------------------------------------
 
     def seq_len(self, seq: int) -> int:
+        self._check_slots([seq], "seq")
         return self._lens[seq]
+
+    def _check_slots(self, seqs, name: str) -> None:
+        """Slots index host lists: a negative one would silently mean another sequence."""
+        for seq in seqs:
+            if isinstance(seq, bool) or not isinstance(seq, numbers.Integral):
+                raise TypeError(f"{name}: sequence slots are ints, got {seq!r}")
+            if not 0 <= seq < self.max_batch_size:
+                raise ValueError(f"{name}: sequence slot {seq} is outside [0, {self.max_batch_size}) "
+                                 f"(max_batch_size={self.max_batch_size})")
+
+    def _check_layer(self, layer) -> None:
+        if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
+            raise TypeError(f"layer must be an int, got {layer!r}")
+        if not 0 <= layer < self.num_layers:  # -1 would silently read the last layer's pool
+            raise ValueError(f"layer {layer} is outside [0, {self.num_layers}) (num_layers={self.num_layers})")
 
     def memory(self) -> CacheMemory:
         per_block = self.bytes_per_token * self.block_size
@@ -135,10 +159,9 @@ class PagedKVCache:
         seqs, counts = list(seqs), list(num_new_tokens)
         if len(seqs) != len(counts) or len(set(seqs)) != len(seqs):
             raise ValueError("seqs must be distinct and match num_new_tokens one to one")
+        self._check_slots(seqs, "seqs")
         plan = []
         for seq, n in zip(seqs, counts):
-            if not 0 <= seq < self.max_batch_size:
-                raise ValueError(f"sequence slot {seq} is outside [0, {self.max_batch_size})")
             if n < 0:
                 raise ValueError(f"num_new_tokens must be >= 0, got {n}")
             new_len = self._lens[seq] + n
@@ -163,6 +186,9 @@ class PagedKVCache:
     def free(self, seqs) -> None:
         """Returns the blocks of these sequence slots to the pool and empties them."""
         seqs = list(seqs)
+        self._check_slots(seqs, "seqs")
+        if len(set(seqs)) != len(seqs):
+            raise ValueError(f"seqs: each sequence slot may be freed once, got {seqs}")
         for seq in seqs:
             self.allocator.free(self._tables[seq])
             self._tables[seq] = []
@@ -185,12 +211,15 @@ class PagedKVCache:
 
     def append(self, layer: int, k, v, slot_mapping) -> None:
         """Writes k, v [N, H_kv, D] of `layer` into the slots that `reserve` returned."""
+        self._check_layer(layer)
         write_kv_cache(k, v, self.k_pools[layer], self.v_pools[layer], slot_mapping, backend=self.backend,
                        validate=False)
 
     def decode(self, layer: int, q, seqs=None, *, scale=None):
         """Decode attention of q [B, H, D] over sequence slots `seqs` (default: slots 0..B-1)."""
+        self._check_layer(layer)
         seqs = list(range(q.shape[0])) if seqs is None else list(seqs)
+        self._check_slots(seqs, "seqs")
         if len(seqs) != q.shape[0]:
             raise ValueError(f"q has {q.shape[0]} rows but {len(seqs)} sequence slots were given")
         empty = [s for s in seqs if self._lens[s] == 0]

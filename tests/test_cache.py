@@ -150,3 +150,34 @@ def test_reserve_rejects_more_than_the_table_covers():
     with pytest.raises(ValueError, match="more than the block table covers"):
         cache.reserve([0], [9])
     assert cache.allocator.num_in_use == 0
+
+
+def test_misuse_is_refused_at_the_call_that_is_wrong():
+    cache = PagedKVCache(2, 2, 32, max_batch_size=2, num_blocks=4, block_size=4, dtype=torch.float32)
+    k = torch.randn(3, 2, 32)
+    cache.append(1, k, k, cache.reserve([0], [3]))
+    q = torch.randn(1, 2, 32)
+    expected = cache.decode(1, q)
+    for layer in (2, 5, -1):           # -1 would silently read the last layer
+        with pytest.raises(ValueError, match=rf"layer {layer} is outside \[0, 2\)"):
+            cache.decode(layer, q)
+        with pytest.raises(ValueError, match=rf"layer {layer} is outside"):
+            cache.append(layer, k, k, torch.arange(3))
+    with pytest.raises(TypeError, match="layer must be an int"):
+        cache.decode(1.0, q)
+    for seqs in ([9], [-1]):          # -1 would silently free the last slot
+        with pytest.raises(ValueError, match=rf"seqs: sequence slot {seqs[0]} is outside \[0, 2\)"):
+            cache.free(seqs)
+        with pytest.raises(ValueError, match=rf"seqs: sequence slot {seqs[0]} is outside"):
+            cache.decode(0, q, seqs)
+    with pytest.raises(ValueError, match="freed once"):
+        cache.free([0, 0])
+    # Nothing was changed by the refused calls.
+    assert cache.seq_len(0) == 3 and cache.allocator.num_in_use == 1
+    torch.testing.assert_close(cache.decode(1, q), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int32, torch.float64, "float16"])
+def test_a_dtype_the_kernels_cannot_compute_in_is_refused_at_construction(dtype):
+    with pytest.raises(TypeError, match="dtype must be one of torch.float16, torch.bfloat16, torch.float32"):
+        PagedKVCache(1, 1, 32, max_batch_size=1, num_blocks=1, dtype=dtype)
