@@ -99,6 +99,21 @@ def environment_markdown(env: dict) -> str:
             f"commit `{env['git_commit'][:12]}`{dirty} · {env['date_utc']}")
 
 
+def smoke_run_notice(env: dict) -> str:
+    """The Markdown line that heads every --quick result: its numbers are not performance."""
+    where = ", the Triton kernels through the Triton interpreter" if env.get("triton_interpret") else ""
+    return (f"**Smoke run (--quick) on {env['device']}{where}: tiny shapes, few repeats. The numbers show that "
+            "the harness runs; they are not performance results.**")
+
+
+def run_label(result: dict) -> str:
+    """What a plot title must say before its numbers: '' for a full run."""
+    if not result.get("quick"):
+        return ""
+    where = ", Triton interpreter" if result["environment"].get("triton_interpret") else ""
+    return f"SMOKE RUN (--quick{where}), not performance: "
+
+
 # -- timing ------------------------------------------------------------------------------------------
 
 def synchronize(device: torch.device) -> None:

