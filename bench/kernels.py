@@ -279,7 +279,8 @@ def run(grid: KernelGrid, device, out_dir, *, progress=True, quick=False) -> dic
         bar.set_postfix_str(f"{shape.name} {dtype} bs{block_size} B={batch} L={context}")
         points.append(run_point(shape, batch, context, dtype, block_size, grid, device, copy["gbps"],
                                 cuda_unavailable))
-    result = {"benchmark": "kernels", "environment": env, "quick": quick, "config": asdict(grid), "copy_bandwidth": copy,
+    result = {"benchmark": "kernels", "environment": env, "quick": quick, "config": asdict(grid),
+              "copy_bandwidth": copy,
               "cuda_backend": cuda_unavailable or "available", "cuda_backend_load_s": cuda_load.seconds,
               "points": points}
     result["targets"] = evaluate_targets(points)

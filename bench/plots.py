@@ -50,7 +50,8 @@ def kernel_bandwidth(result, out_dir) -> list:
         axes[0][0].set_ylim(bottom=0)
         axes[0][-1].legend(fontsize=7, loc="best")
         shape = SHAPES[shape_name]
-        fig.suptitle(f"{run_label(result)}Paged decode attention, {shape.num_heads}/{shape.num_kv_heads} heads x {shape.head_dim}, "
+        fig.suptitle(f"{run_label(result)}Paged decode attention, {shape.num_heads}/{shape.num_kv_heads} heads x "
+                     f"{shape.head_dim}, "
                      f"{dtype}, block {block_size} — {result['environment']['device']}", fontsize=9)
         paths.append(_save(fig, out_dir / f"kernels_bw_{shape_name}_{dtype}_bs{block_size}.png"))
     return paths
@@ -99,7 +100,8 @@ def generate_tokens_per_s(result, out_dir, name="generate") -> list:
         ax.set_ylim(bottom=0)   # linear from zero: bar lengths proportional to throughput
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
-        ax.set_title(f"{run_label(result)}GPT-2 {model}, {dtype}: generation throughput — {result['environment']['device']}", fontsize=9)
+        ax.set_title(f"{run_label(result)}GPT-2 {model}, {dtype}: generation throughput — "
+                     f"{result['environment']['device']}", fontsize=9)
         paths.append(_save(fig, out_dir / f"{name}_tps_{model}_{dtype}.png"))
     return paths
 
@@ -130,7 +132,8 @@ def generate_latency(result, out_dir, name="generate") -> list:
             ax.grid(alpha=0.3)
         axes[0][0].set_ylabel("ms from one token to the next")
         axes[0][-1].legend(fontsize=7)
-        fig.suptitle(f"{run_label(result)}GPT-2 {model}, {dtype}: per-token latency over position — {result['environment']['device']}",
+        fig.suptitle(f"{run_label(result)}GPT-2 {model}, {dtype}: per-token latency over position — "
+                     f"{result['environment']['device']}",
                      fontsize=9)
         paths.append(_save(fig, out_dir / f"{name}_latency_{model}_{dtype}.png"))
     return paths
