@@ -24,6 +24,7 @@ import warnings
 from dataclasses import dataclass, field
 
 import torch
+from transformers import DynamicCache
 
 from .gpt2_common import attention_scale, blocks_for, check_cache_dtype, check_positive_int, gpt2_parts
 from .hf_cache import PagedGPT2Cache
@@ -171,6 +172,8 @@ def _named_arguments(function, module, args, kwargs):
 
 
 def _attention_forward(self, *args, **kwargs):
+    if torch.compiler.is_compiling():           # a compiled forward traces HF's own code (never a paged cache)
+        return type(self).forward(self, *args, **kwargs)
     arguments, cache_name = _named_arguments(type(self).forward, self, args, kwargs)
     cache = arguments.get(cache_name)
     if not isinstance(cache, PagedGPT2Cache):
@@ -216,6 +219,8 @@ def _unsupported_reason(base, arguments):
 
 
 def _model_forward(self, *args, **kwargs):
+    if torch.compiler.is_compiling():
+        return type(self).forward(self, *args, **kwargs)
     arguments, cache_name = _named_arguments(type(self).forward, self, args, kwargs)
     original = type(self).forward.__get__(self)
     state = self.__dict__[_STATE]
@@ -228,7 +233,7 @@ def _model_forward(self, *args, **kwargs):
                 cache = state.new_cache(self.config)
             else:
                 state.warn_once(reason)
-    elif not isinstance(cache, PagedGPT2Cache) and cache.get_seq_length() == 0 \
+    elif type(cache) is DynamicCache and cache.get_seq_length() == 0 \
             and not getattr(cache, "_is_user_defined", False) and _unsupported_reason(self, arguments) is None:
         state.warn_once(f"it was given an empty {type(cache).__name__} (what model.generate makes when only "
                         "model.transformer is patched: patch the model with its LM head; or pass no cache)")
@@ -260,8 +265,15 @@ def _model_forward(self, *args, **kwargs):
     return out
 
 
-def _generation_mode_name(mode):
-    return getattr(mode, "value", mode)
+def _generation_fallback_reason(base, generation_config, model_kwargs, generation_mode):
+    mode = getattr(generation_mode, "value", generation_mode)
+    if generation_config.cache_implementation is not None:
+        return f"cache_implementation={generation_config.cache_implementation!r} asks for HF's own cache"
+    if generation_config.output_attentions:
+        return "output_attentions=True needs the attention matrix, which paged attention never materialises"
+    if mode not in _PAGED_GENERATION_MODES:
+        return f"generation mode {mode!r} is not served by the paged cache"
+    return _unsupported_reason(base, model_kwargs)
 
 
 def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
@@ -270,15 +282,8 @@ def _prepare_cache_for_generation(self, generation_config, model_kwargs, generat
     base, _ = gpt2_parts(self)
     state = base.__dict__[_STATE]
     cache_name = _parameters(type(base).forward)[2]
-    reason = None
-    if generation_config.output_attentions or model_kwargs.get("output_attentions", False):
-        reason = "output_attentions=True needs the attention matrix, which paged attention never materialises"
-    elif _generation_mode_name(generation_mode) not in _PAGED_GENERATION_MODES:
-        reason = f"generation mode {_generation_mode_name(generation_mode)!r} is not served by the paged cache"
-    else:
-        reason = _unsupported_reason(base, model_kwargs)
-    eligible = (model_kwargs.get(cache_name) is None and generation_config.use_cache is not False
-                and generation_config.cache_implementation is None)
+    reason = _generation_fallback_reason(base, generation_config, model_kwargs, generation_mode)
+    eligible = model_kwargs.get(cache_name) is None and generation_config.use_cache is not False
     if eligible and reason is not None:
         state.warn_once(reason)
     if not eligible or reason is not None:

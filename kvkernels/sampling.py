@@ -6,9 +6,24 @@ of tokens already present), then, when sampling, temperature, top-k, top-p. The 
 its input on the host, so it can be captured in a CUDA graph (the default generator's philox state advances
 on every replay).
 """
+import functools
+import inspect
 from dataclasses import dataclass
 
 import torch
+
+
+@functools.lru_cache(maxsize=None)
+def hf_penalises_left_padding() -> bool:
+    """Whether the installed transformers' repetition penalty counts left-padding tokens of the prompt.
+
+    Up to 5.17 `generate` builds RepetitionPenaltyLogitsProcessor(penalty) over every prompt column, padding
+    included; later versions pass prompt_ignore_length = each row's first real column. Read from the source of
+    the method that builds the processors, so it follows the version actually installed.
+    """
+    from transformers.generation.utils import GenerationMixin
+
+    return "prompt_ignore_length" not in inspect.getsource(GenerationMixin._get_logits_processor)
 
 
 @dataclass(frozen=True)
