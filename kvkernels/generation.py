@@ -23,7 +23,7 @@ from transformers.activations import NewGELUActivation
 from .cache import PagedKVCache
 from .gpt2_common import attention_scale, blocks_for, check_positive_int, gpt2_parts
 from .ops import BACKENDS, paged_decode_attention, resolve_backend, write_kv_cache
-from .sampling import SamplingParams, hf_penalises_left_padding, process_logits, select_tokens
+from .sampling import SamplingParams, generation_settings, hf_penalises_left_padding, process_logits, select_tokens
 
 # One host sync per this many tokens on CUDA to see whether every sequence has finished. With a streamer,
 # or on the CPU (whose ops are synchronous anyway), it checks and streams every token.
@@ -273,40 +273,6 @@ def _reset_state(state: _DecodeState, input_ids, real, lengths):
         state.seen[rows[counted], input_ids[counted]] = True
 
 
-# generation_config settings that select logits processors or modes this loop does not implement.
-_UNSUPPORTED_SETTINGS = ("min_length", "min_new_tokens", "num_beams", "num_return_sequences", "no_repeat_ngram_size",
-                         "bad_words_ids", "typical_p", "epsilon_cutoff", "eta_cutoff", "min_p", "suppress_tokens",
-                         "begin_suppress_tokens", "forced_bos_token_id", "forced_eos_token_id", "sequence_bias",
-                         "exponential_decay_length_penalty", "renormalize_logits", "remove_invalid_values",
-                         "guidance_scale", "watermarking_config", "encoder_repetition_penalty")
-
-
-def _generation_settings(model, prompt_width, **given):
-    """The call's settings: each argument given, else model.generation_config's, else HF's global default, as in
-    model.generate. Raises for generation_config settings this loop does not implement."""
-    from transformers import GenerationConfig
-
-    config = getattr(model, "generation_config", None) or GenerationConfig()
-    defaults = GenerationConfig._get_default_generation_params()
-
-    def setting(name):
-        value = getattr(config, name, None)
-        return defaults.get(name) if value is None else value
-
-    unsupported = [f"{name}={setting(name)!r}" for name in _UNSUPPORTED_SETTINGS if setting(name) != defaults.get(name)]
-    if unsupported:
-        raise NotImplementedError(f"kvkernels.generate does not implement {', '.join(unsupported)} from the model's "
-                                  "generation_config; use model.generate (kvkernels.patch) for those")
-    settings = {name: setting(name) if value is None else value for name, value in given.items()}
-    if settings["max_new_tokens"] is None:
-        if config.max_length is not None:           # a configured max_length counts the (padded) prompt
-            settings["max_new_tokens"] = config.max_length - prompt_width
-        else:                                       # HF's default: 20 new tokens, capped at the positions
-            settings["max_new_tokens"] = min(defaults["max_length"] + prompt_width,
-                                             model.config.n_positions) - prompt_width
-    return settings
-
-
 @torch.no_grad()
 def generate(model, input_ids, attention_mask=None, *, max_new_tokens=None, do_sample=None, temperature=None,
              top_k=None, top_p=None, repetition_penalty=None, eos_token_id=None, pad_token_id=None, cuda_graph=True,
@@ -337,7 +303,8 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens=None, do_s
         reached EOS, as in HF). Sampling draws from torch's default generator: seed it for reproducibility.
     """
     prompt_width = input_ids.shape[-1] if isinstance(input_ids, torch.Tensor) else 0
-    settings = _generation_settings(model, prompt_width, max_new_tokens=max_new_tokens, do_sample=do_sample,
+    gpt2_parts(model)                                  # a clear TypeError for anything but GPT-2 first
+    settings = generation_settings(model, prompt_width, max_new_tokens=max_new_tokens, do_sample=do_sample,
                                     temperature=temperature, top_k=top_k, top_p=top_p,
                                     repetition_penalty=repetition_penalty)
     max_new_tokens = settings["max_new_tokens"]

@@ -53,8 +53,10 @@ class _PatchState:
     def install(self, obj, name, function):
         """Sets obj.name to `function` bound to obj, showing the class method's signature and docstring."""
         self.saved.append((obj, name, obj.__dict__.get(name, _MISSING)))
-        hook = functools.wraps(getattr(type(obj), name))(lambda module, *args, **kwargs: function(module, *args,
-                                                                                                  **kwargs))
+
+        @functools.wraps(getattr(type(obj), name))
+        def hook(module, *args, **kwargs):
+            return function(module, *args, **kwargs)
         hook._kvkernels_hook = function
         object.__setattr__(obj, name, types.MethodType(hook, obj))
 
@@ -149,20 +151,24 @@ def _state(model):
 
 @functools.lru_cache(maxsize=None)
 def _parameters(function):
-    """(names of `function`'s parameters after self, name of its **kwargs or None, its cache argument's name)."""
+    """(names of `function`'s parameters after self, up to its **kwargs; the name it gives the cache)."""
     parameters = list(inspect.signature(function).parameters.values())[1:]
-    var_keyword = next((p.name for p in parameters if p.kind is p.VAR_KEYWORD), None)
-    names = tuple(p.name for p in parameters)
-    return names, var_keyword, next((n for n in _CACHE_ARGS if n in names), _CACHE_ARGS[-1])
+    names = tuple(p.name for p in parameters if p.kind is not p.VAR_KEYWORD)
+    return names, next((n for n in _CACHE_ARGS if n in names), _CACHE_ARGS[-1])
 
 
-def _named_arguments(function, module, args, kwargs):
-    """Every argument of a call to `function` (a forward) by name, **kwargs merged in, and the cache under the
-    name `function` uses (the other, deprecated name is folded into it). Returns (arguments, cache name)."""
-    _, var_keyword, cache_name = _parameters(function)
-    arguments = inspect.signature(function).bind(module, *args, **kwargs).arguments
-    arguments.pop(next(iter(arguments)))                                   # self
-    arguments.update(arguments.pop(var_keyword, None) or {})
+def _named_arguments(function, args, kwargs):
+    """Every argument of a call to `function` (a forward, called with `args` after self) by name, and the cache
+    under the name `function` gives it (the other, deprecated name folded in). Returns (arguments, cache name).
+    Cheaper than inspect's bind: the attention hook runs per layer per step."""
+    names, cache_name = _parameters(function)
+    if len(args) > len(names):
+        raise TypeError(f"{function.__qualname__} takes {len(names)} positional arguments after self, got {len(args)}")
+    arguments = dict(zip(names, args))
+    for name, value in kwargs.items():
+        if name in arguments:
+            raise TypeError(f"{function.__qualname__} got multiple values for argument {name!r}")
+        arguments[name] = value
     for alias in _CACHE_ARGS:
         if alias != cache_name and alias in arguments:
             value = arguments.pop(alias)
@@ -174,7 +180,7 @@ def _named_arguments(function, module, args, kwargs):
 def _attention_forward(self, *args, **kwargs):
     if torch.compiler.is_compiling():           # a compiled forward traces HF's own code (never a paged cache)
         return type(self).forward(self, *args, **kwargs)
-    arguments, cache_name = _named_arguments(type(self).forward, self, args, kwargs)
+    arguments, cache_name = _named_arguments(type(self).forward, args, kwargs)
     cache = arguments.get(cache_name)
     if not isinstance(cache, PagedGPT2Cache):
         return type(self).forward(self, *args, **kwargs)
@@ -221,7 +227,7 @@ def _unsupported_reason(base, arguments):
 def _model_forward(self, *args, **kwargs):
     if torch.compiler.is_compiling():
         return type(self).forward(self, *args, **kwargs)
-    arguments, cache_name = _named_arguments(type(self).forward, self, args, kwargs)
+    arguments, cache_name = _named_arguments(type(self).forward, args, kwargs)
     original = type(self).forward.__get__(self)
     state = self.__dict__[_STATE]
     cache = arguments.pop(cache_name, None)
@@ -281,7 +287,7 @@ def _prepare_cache_for_generation(self, generation_config, model_kwargs, generat
     original = type(self)._prepare_cache_for_generation.__get__(self)
     base, _ = gpt2_parts(self)
     state = base.__dict__[_STATE]
-    cache_name = _parameters(type(base).forward)[2]
+    cache_name = _parameters(type(base).forward)[1]
     reason = _generation_fallback_reason(base, generation_config, model_kwargs, generation_mode)
     eligible = model_kwargs.get(cache_name) is None and generation_config.use_cache is not False
     if eligible and reason is not None:
