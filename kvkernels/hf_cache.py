@@ -164,7 +164,7 @@ class PagedGPT2Cache(Cache):
 
     def logical_kv(self, layer: int, values: bool):
         """[B, H, seen, D] keys (or values) of `layer` in HF's padded layout; zeros where nothing was stored."""
-        if self.pool is None:
+        if self.columns is None:
             return None
         pool = self.pool
         pages = (pool.v_pools if values else pool.k_pools)[layer]
@@ -247,7 +247,8 @@ class PagedGPT2Cache(Cache):
                 rows = old_pages.view(-1, self.num_heads, self.head_dim).index_select(0, src)
                 new_pages.view(-1, self.num_heads, self.head_dim).index_copy_(0, dst, rows)
         self.pool, self.num_seqs = new, len(source_seqs)
-        self.columns = self.columns[source_seqs]
+        if self.columns is not None:
+            self.columns = self.columns[source_seqs]
 
     def _reserve(self, counts):
         try:
@@ -285,7 +286,7 @@ class PagedGPT2Cache(Cache):
             if attention_mask.dim() != 2 or tuple(attention_mask.shape) != (batch, seen + num_new):
                 raise ValueError(f"attention_mask must be 2D [batch={batch}, past + new = {seen + num_new}] with a "
                                  f"paged cache, got {tuple(attention_mask.shape)}")
-            mask = attention_mask.to("cpu") != 0                                                 # [B, seen + T]
+            mask = (attention_mask != 0).to("cpu")                                               # [B, seen + T]
             new_real = mask[:, seen:]
             if seen:
                 past = mask[:, :seen]
