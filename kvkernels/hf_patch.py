@@ -271,8 +271,11 @@ def _model_forward(self, *args, **kwargs):
     return out
 
 
-def _generation_fallback_reason(base, generation_config, model_kwargs, generation_mode):
+def _generation_fallback_reason(model, base, generation_config, model_kwargs, generation_mode):
     mode = getattr(generation_mode, "value", generation_mode)
+    if getattr(model.forward, "_torchdynamo_orig_callable", None) is not None \
+            or getattr(model, "_compiled_call_impl", None) is not None:
+        return "the model is compiled (torch.compile), and only HF's own caches can be traced"
     if generation_config.cache_implementation is not None:
         return f"cache_implementation={generation_config.cache_implementation!r} asks for HF's own cache"
     if generation_config.output_attentions:
@@ -288,7 +291,7 @@ def _prepare_cache_for_generation(self, generation_config, model_kwargs, generat
     base, _ = gpt2_parts(self)
     state = base.__dict__[_STATE]
     cache_name = _parameters(type(base).forward)[1]
-    reason = _generation_fallback_reason(base, generation_config, model_kwargs, generation_mode)
+    reason = _generation_fallback_reason(self, base, generation_config, model_kwargs, generation_mode)
     eligible = model_kwargs.get(cache_name) is None and generation_config.use_cache is not False
     if eligible and reason is not None:
         state.warn_once(reason)

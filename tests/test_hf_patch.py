@@ -466,3 +466,21 @@ def test_cache_layers_show_hf_keys_and_survive_unpatch():
         assert (k.transpose(1, 2)[~real] == 0).all()                  # padding is never stored
     for have, want in zip(got, expected):
         torch.testing.assert_close(have, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("cache_implementation", [None, "static"])
+def test_compiled_forward_generates_on_hf_cache_and_says_so(cache_implementation, recwarn):
+    """HF's test_generate_compile_model_forward_fullgraph: a fullgraph-compiled forward must trace (HF's own cache,
+    reported once), not fail inside dynamo on the paged cache."""
+    model = make_model()
+    ids, _ = padded_batch(prompt_lens=(6,))
+    expected = model.generate(ids, max_new_tokens=8, cache_implementation=cache_implementation)
+    with kvkernels.patched(model, backend="torch"):
+        model.forward = torch.compile(model.forward, fullgraph=True, backend="eager")
+        try:
+            got = model.generate(ids, max_new_tokens=8, cache_implementation=cache_implementation)
+        finally:
+            del model.forward
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    messages = [str(w.message) for w in recwarn if "kvkernels" in str(w.message)]
+    assert len(messages) == 1 and ("compiled" in messages[0] or "cache_implementation" in messages[0])
