@@ -19,11 +19,20 @@ def hf_penalises_left_padding() -> bool:
 
     Up to 5.17 `generate` builds RepetitionPenaltyLogitsProcessor(penalty) over every prompt column, padding
     included; later versions pass prompt_ignore_length = each row's first real column. Read from the source of
-    the method that builds the processors, so it follows the version actually installed.
+    the method that builds the processors, so it follows the version actually installed; without sources, from
+    whether the processor takes per-row ignore lengths (added in the same change).
     """
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
     from transformers.generation.utils import GenerationMixin
 
-    return "prompt_ignore_length" not in inspect.getsource(GenerationMixin._get_logits_processor)
+    try:
+        return "prompt_ignore_length" not in inspect.getsource(GenerationMixin._get_logits_processor)
+    except (OSError, TypeError):
+        try:
+            RepetitionPenaltyLogitsProcessor(1.5, prompt_ignore_length=torch.zeros(1, dtype=torch.long))
+        except ValueError:
+            return True
+        return False
 
 
 # generation_config settings that select logits processors or modes this loop does not implement.
