@@ -195,6 +195,19 @@ class PagedKVCache:
             self._lens[seq] = 0
         self._sync_rows(seqs)
 
+    def truncate(self, seqs, lens) -> None:
+        """Shortens sequence slot seqs[i] to its first lens[i] tokens; whole blocks past them go back to the pool."""
+        seqs, lens = list(seqs), list(lens)
+        for seq, n in zip(seqs, lens):
+            if not 0 <= n <= self._lens[seq]:
+                raise ValueError(f"cannot truncate sequence {seq} of {self._lens[seq]} tokens to {n}")
+        for seq, n in zip(seqs, lens):
+            keep = -(-n // self.block_size)
+            self.allocator.free(self._tables[seq][keep:])
+            del self._tables[seq][keep:]
+            self._lens[seq] = n
+        self._sync_rows(seqs)
+
     def reset(self) -> None:
         self.free(range(self.max_batch_size))
 

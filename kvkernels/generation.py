@@ -23,7 +23,7 @@ from transformers.activations import NewGELUActivation
 from .cache import PagedKVCache
 from .gpt2_common import attention_scale, blocks_for, check_positive_int, gpt2_parts
 from .ops import BACKENDS, paged_decode_attention, resolve_backend, write_kv_cache
-from .sampling import SamplingParams, process_logits, select_tokens
+from .sampling import SamplingParams, generation_settings, hf_penalises_left_padding, process_logits, select_tokens
 
 # One host sync per this many tokens on CUDA to see whether every sequence has finished. With a streamer,
 # or on the CPU (whose ops are synchronous anyway), it checks and streams every token.
@@ -266,14 +266,17 @@ def _reset_state(state: _DecodeState, input_ids, real, lengths):
     state.out.fill_(state.pad)
     if state.seen is not None:
         state.seen.zero_()
+        # The prompt tokens HF's repetition penalty counts: every column up to transformers 5.17, from the first
+        # real one on after it (left padding skipped).
+        counted = torch.ones_like(real) if hf_penalises_left_padding() else real.long().cummax(1).values.bool()
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(input_ids)
-        state.seen[rows[real], input_ids[real]] = True                      # padding never counts as present
+        state.seen[rows[counted], input_ids[counted]] = True
 
 
 @torch.no_grad()
-def generate(model, input_ids, attention_mask=None, *, max_new_tokens, do_sample=False, temperature=1.0, top_k=0,
-             top_p=1.0, repetition_penalty=1.0, eos_token_id=None, pad_token_id=None, cuda_graph=True, streamer=None,
-             backend="auto", block_size=16):
+def generate(model, input_ids, attention_mask=None, *, max_new_tokens=None, do_sample=None, temperature=None,
+             top_k=None, top_p=None, repetition_penalty=None, eos_token_id=None, pad_token_id=None, cuda_graph=True,
+             streamer=None, backend="auto", block_size=16):
     """Generates up to `max_new_tokens` tokens per prompt with a Hugging Face GPT2LMHeadModel.
 
     Args:
@@ -281,7 +284,12 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens, do_sample
         input_ids: int64 [B, P], prompts left-padded to a common length.
         attention_mask: [B, P] of 0/1 (padding 0), or None when nothing is padded.
         max_new_tokens: tokens to generate; the longest prompt plus this must fit in n_positions.
-        do_sample, temperature, top_k, top_p, repetition_penalty: as in HF generate (greedy by default).
+        do_sample, temperature, top_k, top_p, repetition_penalty: as in HF generate.
+        Each of these left None means what it means in `model.generate`: model.generation_config's value, else
+        HF's default (greedy; top_k=50 when sampling; 20 new tokens). A generation_config
+        that asks for a logits processor this loop lacks (no_repeat_ngram_size, min_length, ...) is an error.
+        The repetition penalty counts the prompt as the installed transformers does: left padding included up to
+        5.17, excluded after.
         eos_token_id: int or list; None takes model.generation_config.eos_token_id, [] disables stopping.
         pad_token_id: emitted after a sequence's EOS; None takes the generation config's pad, else the first EOS.
         cuda_graph: capture the decode step once and replay it (CUDA with the Triton or CUDA backend; the CPU
@@ -294,7 +302,14 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens, do_sample
         int64 [B, P + n]: prompts then generated tokens, n <= max_new_tokens (fewer when every sequence
         reached EOS, as in HF). Sampling draws from torch's default generator: seed it for reproducibility.
     """
-    params = SamplingParams(do_sample, float(temperature), top_k, float(top_p), float(repetition_penalty))
+    prompt_width = input_ids.shape[-1] if isinstance(input_ids, torch.Tensor) else 0
+    gpt2_parts(model)                                  # a clear TypeError for anything but GPT-2 first
+    settings = generation_settings(model, prompt_width, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                    temperature=temperature, top_k=top_k, top_p=top_p,
+                                    repetition_penalty=repetition_penalty)
+    max_new_tokens = settings["max_new_tokens"]
+    params = SamplingParams(settings["do_sample"], float(settings["temperature"]), settings["top_k"],
+                            float(settings["top_p"]), float(settings["repetition_penalty"]))
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     check_positive_int("block_size", block_size)

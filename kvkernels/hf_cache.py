@@ -1,15 +1,23 @@
 """PagedGPT2Cache: a Hugging Face `Cache` whose keys and values live in a kvkernels.PagedKVCache.
 
-HF's generate loop and GPT2Model only ask a cache for lengths (get_seq_length, get_mask_sizes) and for
-beam reordering; the patched GPT2Attention (kvkernels.hf_patch) does the writing and the attention.
-Each sequence stores only its real tokens: left padding and any masked column never reach the pool.
+HF's generate loop and GPT2Model ask a cache for lengths (get_seq_length, get_mask_sizes), beam reordering and,
+for assisted decoding, `crop`; the patched GPT2Attention (kvkernels.hf_patch) does the writing and the attention.
+Each sequence stores only its real tokens: left padding and any masked column never reach the pool. The cache
+remembers which columns each sequence stored (`columns`), so that a later mask may hide a stored column
+(honoured exactly), `crop` knows what to drop, and `layers[i].keys` / `.values` can show HF's padded layout.
 
-Per forward call (a "step"), hf_patch calls `begin_step` with the new tokens' 2D mask; the cache reserves
-their slots on the host (no device sync unless a mask has to be read), then each layer's `attend` writes
-the new K/V with kvkernels.write_kv_cache and attends:
-    * one real token per sequence -> kvkernels.paged_decode_attention over the pages;
-    * anything else (prompt, continuation, padding) -> gather the sequences' pages and run SDPA with a
-      per-query length mask, which is HF's causal-and-padding mask over the unpadded layout.
+Per forward call (a "step"), hf_patch calls `begin_step` with the step's 2D mask; the cache reserves the
+new real tokens' slots on the host, then each layer's `attend` writes the new K/V with
+kvkernels.write_kv_cache and attends:
+    * one real token per sequence, nothing hidden -> kvkernels.paged_decode_attention over the pages;
+    * anything else (prompt, continuation, padding, hidden columns) -> gather the sequences' pages and run
+      SDPA with a per-query mask, which is HF's causal-and-padding mask over the unpadded layout.
+A query that sees no token at all (a left-padding position) gets what the model's attention implementation
+gives there: zeros for sdpa (torch >= 2.5), the mean of the step's values for eager (exact when no earlier
+call had padding: padding K/V are never stored).
+
+What it does not do of HF's Cache contract: offloading, static shapes / torch.compile (is_compileable is
+False), sliding windows; padding columns read back through `keys` / `values` are zeros.
 """
 import weakref
 from dataclasses import dataclass
@@ -29,19 +37,32 @@ class _PagedLayer(CacheLayerMixin):
 
     is_sliding = False
     is_compileable = False
-    is_croppable = False
+    is_croppable = True
     supports_early_init = False
 
-    def __init__(self, owner):
-        super().__init__()
+    def __init__(self, owner, layer_idx):
+        # CacheLayerMixin.__init__ would assign keys/values, which are read-only views of the pool here.
         self._owner = weakref.ref(owner)  # no reference cycle: the pool is freed as soon as the cache is dropped
+        self.layer_idx = layer_idx
+
+    @property
+    def is_initialized(self):
+        return self._owner().pool is not None
+
+    @property
+    def keys(self):
+        """[B, H, seen, D]: the cached keys in HF's padded column layout (zeros at columns never stored)."""
+        return self._owner().logical_kv(self.layer_idx, values=False)
+
+    @property
+    def values(self):
+        return self._owner().logical_kv(self.layer_idx, values=True)
 
     def lazy_initialization(self, key_states, value_states):
         raise RuntimeError("PagedGPT2Cache layers are never initialised by HF code")
 
     def update(self, key_states, value_states, *args, **kwargs):
-        raise RuntimeError("PagedGPT2Cache is written by the attention that kvkernels.patch(model) installs, but this "
-                           "model's attention is not patched: call kvkernels.patch(model) or use a DynamicCache")
+        return self._owner().update(key_states, value_states, self.layer_idx)
 
     def get_mask_sizes(self, query_length):
         return self._owner().get_mask_sizes(query_length)
@@ -52,13 +73,21 @@ class _PagedLayer(CacheLayerMixin):
     def get_max_length(self):
         return -1
 
+    def offload(self):
+        raise NotImplementedError("PagedGPT2Cache does not offload")
+
+    def prefetch(self):
+        raise NotImplementedError("PagedGPT2Cache does not offload")
+
 
 @dataclass
 class _Step:
     num_new: int                 # T, new columns in this forward
     slot_mapping: torch.Tensor   # int64 [B * T], -1 for padding tokens
-    decode: bool                 # every sequence adds exactly one real token
+    decode: bool                 # every sequence adds exactly one real token and no stored column is hidden
     attn_mask: torch.Tensor      # bool [B, 1, T, L] (extend steps only): key l visible to query t
+    blind: torch.Tensor          # bool [B, T, 1, 1] (extend steps only): queries that see no key at all
+    new_real: torch.Tensor       # bool [B, T] on the host: which new columns are stored
     table_blocks: int            # block-table columns covering the longest sequence after the step
     lens_before: list            # host lengths before the step, to roll back on failure
 
@@ -69,19 +98,23 @@ class PagedGPT2Cache(Cache):
     `max_tokens` fixes the pool (CacheFullError past it); otherwise the pool starts at `planned_tokens`
     (or what the first step needs) and doubles when a step needs more. get_seq_length() is HF's notion
     of length: the columns seen so far, padding included; each sequence's stored length is its real tokens.
+    A query that sees nothing gets the eager implementation's output if the config asks for eager, else sdpa's.
     """
 
     def __init__(self, config, *, num_seqs=None, planned_tokens=None, max_tokens=None, block_size=16,
                  backend="auto", cache_dtype=None):
-        super().__init__(layers=[_PagedLayer(self) for _ in range(config.n_layer)])
+        super().__init__(layers=[_PagedLayer(self, i) for i in range(config.n_layer)])
         self.num_layers, self.num_heads = config.n_layer, config.n_head
         self.head_dim = config.n_embd // config.n_head
         self.max_positions = config.n_positions
+        self.eager_padding_rows = getattr(config, "_attn_implementation", None) == "eager"
         self.num_seqs, self.planned_tokens, self.max_tokens = num_seqs, planned_tokens, max_tokens
         self.block_size, self.backend, self.cache_dtype = block_size, backend, cache_dtype
         self.pool = None
         self.seen_tokens = 0
+        self.columns = None      # bool [num_seqs, seen_tokens] on the host: the columns each sequence stored
         self.step = None
+        self._hf_step_slots = None
 
     # -- what HF asks a Cache -----------------------------------------------------------------
 
@@ -104,7 +137,7 @@ class PagedGPT2Cache(Cache):
     def reset(self):
         if self.pool is not None:
             self.pool.reset()
-        self.seen_tokens, self.step = 0, None
+        self.seen_tokens, self.step, self.columns = 0, None, None
 
     def reorder_cache(self, beam_idx: torch.LongTensor):
         """Beam search: sequence i continues from sequence beam_idx[i] (a copy, as blocks have one owner)."""
@@ -116,10 +149,53 @@ class PagedGPT2Cache(Cache):
     def batch_select_indices(self, indices: torch.Tensor):
         self._rebuild([int(i) for i in indices.tolist()])
 
-    def crop(self, tokens_to_remove: int):
-        if tokens_to_remove != 0:
-            raise NotImplementedError("PagedGPT2Cache cannot crop (assisted generation and DoLa are not supported with "
-                                      "kvkernels.patch); pass past_key_values=DynamicCache() to generate for those")
+    def crop(self, max_length: int):
+        """HF's crop: max_length > 0 keeps the first max_length columns, max_length <= 0 removes the last
+        -max_length. Each sequence keeps its stored tokens among the kept columns; whole blocks past them go
+        back to the pool."""
+        keep = max_length if max_length > 0 else self.seen_tokens + max_length
+        keep = max(keep, 0)
+        if keep >= self.seen_tokens:
+            return
+        if self.pool is not None:
+            self.columns = self.columns[:, :keep]
+            self.pool.truncate(range(self.num_seqs), self.columns.sum(1).tolist())
+        self.seen_tokens = keep
+
+    def logical_kv(self, layer: int, values: bool):
+        """[B, H, seen, D] keys (or values) of `layer` in HF's padded layout; zeros where nothing was stored."""
+        if self.columns is None:
+            return None
+        pool = self.pool
+        pages = (pool.v_pools if values else pool.k_pools)[layer]
+        lens = [pool.seq_len(s) for s in range(self.num_seqs)]
+        rows = pages.view(-1, self.num_heads, self.head_dim).index_select(0, self._slots_of(pool, range(self.num_seqs),
+                                                                                            lens))
+        out = pages.new_zeros(self.num_seqs, self.seen_tokens, self.num_heads, self.head_dim)
+        out[self.columns.to(pool.device)] = rows                 # row-major order = sequence by sequence
+        return out.transpose(1, 2)
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        """HF's own attention writing into this cache (the model was unpatched after the cache was made): every
+        new column is stored. key_states, value_states: [B, H, T, D]. Returns the keys and values of every column
+        so far, [B, H, seen, D], as DynamicCache does."""
+        if self.step is not None:
+            raise RuntimeError("PagedGPT2Cache is written by the attention that kvkernels.patch(model) installs, but "
+                               "this model's attention is not patched: call kvkernels.patch(model) on the whole model")
+        batch, _, num_new, _ = key_states.shape
+        if layer_idx == 0:          # HF runs the layers in order: layer 0 opens the step
+            if self.pool is None:
+                self._allocate(batch, num_new, key_states.dtype, key_states.device)
+            self._hf_step_slots = self._reserve([num_new] * batch)
+            self.seen_tokens += num_new
+            self._append_columns(torch.ones(batch, num_new, dtype=torch.bool))
+        pool = self.pool
+        write_kv_cache(key_states.transpose(1, 2).reshape(-1, self.num_heads, self.head_dim).to(pool.dtype),
+                       value_states.transpose(1, 2).reshape(-1, self.num_heads, self.head_dim).to(pool.dtype),
+                       pool.k_pools[layer_idx], pool.v_pools[layer_idx], self._hf_step_slots, backend=self.backend,
+                       validate=False)
+        return (self.logical_kv(layer_idx, values=False).to(key_states.dtype),
+                self.logical_kv(layer_idx, values=True).to(value_states.dtype))
 
     # -- pool management ----------------------------------------------------------------------
 
@@ -171,6 +247,8 @@ class PagedGPT2Cache(Cache):
                 rows = old_pages.view(-1, self.num_heads, self.head_dim).index_select(0, src)
                 new_pages.view(-1, self.num_heads, self.head_dim).index_copy_(0, dst, rows)
         self.pool, self.num_seqs = new, len(source_seqs)
+        if self.columns is not None:
+            self.columns = self.columns[source_seqs]
 
     def _reserve(self, counts):
         try:
@@ -191,7 +269,9 @@ class PagedGPT2Cache(Cache):
     def begin_step(self, batch: int, num_new: int, attention_mask, dtype, device):
         """Reserves slots for the real tokens among `num_new` new columns of each of `batch` sequences.
 
-        attention_mask: None (every token real) or [batch, seen + num_new] of 0/1 (HF's 2D padding mask).
+        attention_mask: None (every token real) or [batch, seen + num_new] of 0/1 (HF's 2D padding mask). A 0 over
+        a stored column hides it for this step; a 1 over a column that was padding when it was new is an error
+        (its K/V were never stored).
         """
         if self.pool is None:
             self._allocate(batch, num_new, dtype, device)
@@ -199,35 +279,56 @@ class PagedGPT2Cache(Cache):
             raise ValueError(f"this PagedGPT2Cache holds {self.num_seqs} sequences but the input has batch {batch}")
         if torch.device(device) != self.pool.device:
             raise ValueError(f"the cache lives on {self.pool.device} but the input is on {device}")
-        keep = None
+        seen = self.seen_tokens
+        new_real = torch.ones(batch, num_new, dtype=torch.bool)
+        hidden = None
         if attention_mask is not None:
-            if attention_mask.dim() != 2 or tuple(attention_mask.shape) != (batch, self.seen_tokens + num_new):
-                raise ValueError(f"attention_mask must be 2D [batch={batch}, past + new = "
-                                 f"{self.seen_tokens + num_new}] with a paged cache, got {tuple(attention_mask.shape)}")
-            new_columns = attention_mask[:, -num_new:].to("cpu").bool()                          # [B, T]
-            if not bool(new_columns.all()):
-                keep = new_columns
+            if attention_mask.dim() != 2 or tuple(attention_mask.shape) != (batch, seen + num_new):
+                raise ValueError(f"attention_mask must be 2D [batch={batch}, past + new = {seen + num_new}] with a "
+                                 f"paged cache, got {tuple(attention_mask.shape)}")
+            mask = (attention_mask != 0).to("cpu")                                               # [B, seen + T]
+            new_real = mask[:, seen:]
+            if seen:
+                past = mask[:, :seen]
+                revived = past & ~self.columns
+                if bool(revived.any()):
+                    row, column = revived.nonzero()[0].tolist()
+                    raise ValueError(f"attention_mask marks column {column} of sequence {row} as real, but it was "
+                                     "padding (0) when it was new, so the paged cache never stored its key/value. "
+                                     "Unmasking an earlier padding column needs HF's own cache: pass a DynamicCache")
+                hidden = self.columns & ~past
+                hidden = hidden if bool(hidden.any()) else None
         lens_before = [self.pool.seq_len(s) for s in range(batch)]
-        counts = [num_new] * batch if keep is None else keep.sum(1).tolist()
+        all_real = bool(new_real.all())
+        counts = [num_new] * batch if all_real else new_real.sum(1).tolist()
         slots = self._reserve(counts)
-        if keep is not None:
+        if not all_real:
             full = torch.full((batch * num_new,), -1, dtype=torch.int64, device=slots.device)
-            slots = full.masked_scatter_(keep.reshape(-1).to(slots.device), slots)
-        decode = num_new == 1 and keep is None
+            slots = full.masked_scatter_(new_real.reshape(-1).to(slots.device), slots)
+        decode = num_new == 1 and all_real and hidden is None
         # Only the table columns the longest sequence uses: the kernels' work (and Triton's split count)
         # then follows the actual lengths, not n_positions.
         table_blocks = max(blocks_for(max(n + c for n, c in zip(lens_before, counts)), self.block_size), 1)
-        attn_mask = None
+        attn_mask = blind = None
         if not decode:
-            # Query t of sequence b sees the real tokens up to and including its column: its length so far.
-            seen_by_query = (torch.ones(batch, num_new, dtype=torch.long) if keep is None else keep.long()).cumsum(1)
-            visible = (torch.tensor(lens_before)[:, None] + seen_by_query).clamp(min=1)           # [B, T]
-            keys = torch.arange(table_blocks * self.block_size, device=self.pool.device)
-            attn_mask = keys[None, None, None, :] < visible.to(self.pool.device)[:, None, :, None]  # [B, 1, T, L]
-        self.step = _Step(num_new, slots, decode, attn_mask, table_blocks, lens_before)
+            # Query t of sequence b sees the stored tokens up to and including its column (its length so far),
+            # less the stored columns the mask hides now.
+            visible = torch.tensor(lens_before)[:, None] + new_real.long().cumsum(1)                 # [B, T]
+            keys = torch.arange(table_blocks * self.block_size)
+            host_mask = keys[None, None, :] < visible[:, :, None]                                    # [B, T, L]
+            if hidden is not None:
+                hidden_keys = torch.zeros(batch, keys.numel(), dtype=torch.bool)
+                for row in range(batch):
+                    stored = hidden[row][self.columns[row]]          # the hidden flags of row's stored tokens
+                    hidden_keys[row, :stored.numel()] = stored
+                host_mask &= ~hidden_keys[:, None, :]
+            attn_mask = host_mask[:, None].to(self.pool.device)                                      # [B, 1, T, L]
+            blind = (~host_mask.any(-1))[:, :, None, None].to(self.pool.device)                      # [B, T, 1, 1]
+        self.step = _Step(num_new, slots, decode, attn_mask, blind, new_real, table_blocks, lens_before)
 
     def end_step(self):
         self.seen_tokens += self.step.num_new
+        self._append_columns(self.step.new_real)
         self.step = None
 
     def abort_step(self):
@@ -235,6 +336,9 @@ class PagedGPT2Cache(Cache):
         if self.step is not None and self.pool is not None:
             self._rebuild(list(range(self.num_seqs)), self.step.lens_before)
         self.step = None
+
+    def _append_columns(self, new_real):
+        self.columns = new_real.clone() if self.columns is None else torch.cat([self.columns, new_real], dim=1)
 
     # -- what the patched attention calls, layer by layer -------------------------------------
 
@@ -259,9 +363,17 @@ class PagedGPT2Cache(Cache):
                                          lens, scale=scale, backend=self.backend, validate=False)  # [B, H, D]
             return out.to(query.dtype).view(batch, 1, heads, dim)
         keys, _ = gather_kv(k_pages, tables, lens)                                              # [B, L, H, D]
-        values, _ = gather_kv(v_pages, tables, lens)
+        values, valid = gather_kv(v_pages, tables, lens)
         compute = torch.float32 if upcast else query.dtype
+        # A query that sees nothing gets 0 from SDPA (torch >= 2.5), as under HF's sdpa.
         out = F.scaled_dot_product_attention(query.transpose(1, 2).to(compute), keys.transpose(1, 2).to(compute),
                                              values.transpose(1, 2).to(compute), attn_mask=step.attn_mask,
-                                             scale=scale)                                       # [B, H, T, D]
-        return out.transpose(1, 2).to(query.dtype)
+                                             scale=scale).transpose(1, 2)                       # [B, T, H, D]
+        if self.eager_padding_rows:
+            # HF eager adds the dtype's minimum to every masked score: a row that sees nothing is uniform over
+            # all seen + T columns. The stored ones plus this step's padding columns (earlier padding is not stored).
+            padding = ~step.new_real.to(value.device)                                           # [B, T]
+            total = values.sum(1) + (value * padding[:, :, None, None]).sum(1)                  # [B, H, D]
+            mean = (total / (self.seen_tokens + num_new)).to(out.dtype)
+            out = torch.where(step.blind, mean[:, None], out)
+        return out.to(query.dtype)

@@ -4,11 +4,70 @@ Same order and rules as HF's logits processors: repetition penalty (divide posit
 of tokens already present), then, when sampling, temperature, top-k, top-p. The draw is an exponential race
 (argmax of p / E with E ~ Exp(1)), which samples exactly from p but, unlike torch.multinomial, never checks
 its input on the host, so it can be captured in a CUDA graph (the default generator's philox state advances
-on every replay).
+on every replay). `generation_settings` resolves unset arguments the way model.generate does.
 """
+import functools
+import inspect
 from dataclasses import dataclass
 
 import torch
+
+
+@functools.lru_cache(maxsize=None)
+def hf_penalises_left_padding() -> bool:
+    """Whether the installed transformers' repetition penalty counts left-padding tokens of the prompt.
+
+    Up to 5.17 `generate` builds RepetitionPenaltyLogitsProcessor(penalty) over every prompt column, padding
+    included; later versions pass prompt_ignore_length = each row's first real column. Read from the source of
+    the method that builds the processors, so it follows the version actually installed; without sources, from
+    whether the processor takes per-row ignore lengths (added in the same change).
+    """
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+    from transformers.generation.utils import GenerationMixin
+
+    try:
+        return "prompt_ignore_length" not in inspect.getsource(GenerationMixin._get_logits_processor)
+    except (OSError, TypeError):
+        try:
+            RepetitionPenaltyLogitsProcessor(1.5, prompt_ignore_length=torch.zeros(1, dtype=torch.long))
+        except ValueError:
+            return True
+        return False
+
+
+# generation_config settings that select logits processors or modes this loop does not implement.
+UNSUPPORTED_SETTINGS = ("min_length", "min_new_tokens", "num_beams", "num_return_sequences", "no_repeat_ngram_size",
+                         "bad_words_ids", "typical_p", "epsilon_cutoff", "eta_cutoff", "min_p", "suppress_tokens",
+                         "begin_suppress_tokens", "forced_bos_token_id", "forced_eos_token_id", "sequence_bias",
+                         "exponential_decay_length_penalty", "renormalize_logits", "remove_invalid_values",
+                         "guidance_scale", "watermarking_config", "encoder_repetition_penalty")
+
+
+def generation_settings(model, prompt_width, **given):
+    """kvkernels.generate's settings (max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty):
+    each argument given, else model.generation_config's, else HF's global default, as in model.generate.
+    prompt_width: P of the (padded) input_ids. Raises for generation_config settings it does not implement."""
+    from transformers import GenerationConfig
+
+    config = getattr(model, "generation_config", None) or GenerationConfig()
+    defaults = GenerationConfig._get_default_generation_params()
+
+    def setting(name):
+        value = getattr(config, name, None)
+        return defaults.get(name) if value is None else value
+
+    unsupported = [f"{name}={setting(name)!r}" for name in UNSUPPORTED_SETTINGS if setting(name) != defaults.get(name)]
+    if unsupported:
+        raise NotImplementedError(f"kvkernels.generate does not implement {', '.join(unsupported)} from the model's "
+                                  "generation_config; use model.generate (kvkernels.patch) for those")
+    settings = {name: setting(name) if value is None else value for name, value in given.items()}
+    if settings["max_new_tokens"] is None:
+        if config.max_length is not None:           # a configured max_length counts the (padded) prompt
+            settings["max_new_tokens"] = config.max_length - prompt_width
+        else:                                       # HF's default: 20 new tokens, capped at the positions
+            settings["max_new_tokens"] = min(defaults["max_length"] + prompt_width,
+                                             model.config.n_positions) - prompt_width
+    return settings
 
 
 @dataclass(frozen=True)

@@ -266,3 +266,66 @@ def test_cuda_graph_large_batch_with_eos_and_streamer():
         torch.testing.assert_close(graph, eager, rtol=0, atol=0)
     assert (eager[0, ids.shape[1] + 51:] == 0).all()
     torch.testing.assert_close(torch.stack(streamer.puts[1:], 1), eager[:, ids.shape[1]:].cpu(), rtol=0, atol=0)
+
+
+def test_unset_sampling_arguments_mean_what_they_mean_in_hf_generate():
+    """do_sample=True alone samples with the generation_config defaults (top_k=50), as model.generate does."""
+    model = make_model()
+    ids, mask = padded_batch(prompt_lens=(7,))
+    draws = 600
+    many, many_mask = ids.expand(draws, -1), mask.expand(draws, -1)
+    torch.manual_seed(0)
+    ours = kvkernels.generate(model, many, many_mask, max_new_tokens=1, do_sample=True, backend="torch")[:, -1]
+    torch.manual_seed(0)
+    theirs = model.generate(many, attention_mask=many_mask, max_new_tokens=1, do_sample=True)[:, -1]
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask).logits[0, -1]
+    top50 = set(logits.topk(50).indices.tolist())
+    assert set(ours.tolist()) <= top50 and set(theirs.tolist()) <= top50
+    assert len(set(ours.tolist())) > 25                             # the whole top 50 is in play, not only a few
+    # Same distribution: frequencies of the likeliest tokens agree within ~4 standard errors.
+    probs = logits.topk(50).values.softmax(-1)
+    for token, p in zip(logits.topk(5).indices.tolist(), probs[:5].tolist()):
+        bound = 4 * (p * (1 - p) / draws) ** 0.5 + 1e-3
+        assert abs((ours == token).float().mean().item() - p) < bound
+        assert abs((theirs == token).float().mean().item() - p) < bound
+    # A generation_config setting is read the same way: top_k=3 there, do_sample left unset.
+    model.generation_config.do_sample, model.generation_config.top_k = True, 3
+    ours = kvkernels.generate(model, many, many_mask, max_new_tokens=1, backend="torch")[:, -1]
+    assert set(ours.tolist()) <= set(logits.topk(3).indices.tolist()) and len(set(ours.tolist())) > 1
+
+
+def test_unset_max_new_tokens_and_greedy_follow_hf():
+    model = make_model()
+    ids, mask = padded_batch()
+    expected = model.generate(ids, attention_mask=mask)                # HF: 20 new tokens, greedy
+    torch.testing.assert_close(kvkernels.generate(model, ids, mask, backend="torch"), expected, rtol=0, atol=0)
+    model.generation_config.max_new_tokens, model.generation_config.repetition_penalty = 7, 1.4
+    expected = model.generate(ids, attention_mask=mask)
+    assert expected.shape[1] == ids.shape[1] + 7
+    torch.testing.assert_close(kvkernels.generate(model, ids, mask, backend="torch"), expected, rtol=0, atol=0)
+    model.generation_config.no_repeat_ngram_size = 2
+    with pytest.raises(NotImplementedError, match="no_repeat_ngram_size"):
+        kvkernels.generate(model, ids, mask, backend="torch")
+
+
+def test_repetition_penalty_counts_padding_like_the_installed_transformers():
+    """transformers 5.17 penalises the prompt's left-padding ids, later versions skip them. Pad with a token the
+    model wants to emit: whether HF's output depends on the pad id tells which semantics is installed, and
+    kvkernels.generate must match it either way."""
+    from kvkernels.sampling import hf_penalises_left_padding
+
+    model = make_model()
+    ids, mask = padded_batch()
+    kwargs = dict(max_new_tokens=12, repetition_penalty=2.0)
+    free_run = model.generate(ids, attention_mask=mask, max_new_tokens=1)
+    wanted = int(free_run[1, -1])                                      # row 1 is padded (5 real of 9)
+    outputs = {}
+    for pad in (wanted, 0 if wanted != 0 else 2):
+        padded = ids.masked_fill(mask == 0, pad)
+        expected = model.generate(padded, attention_mask=mask, pad_token_id=pad, **kwargs)
+        got = kvkernels.generate(model, padded, mask, pad_token_id=pad, backend="torch", **kwargs)
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+        outputs[pad] = expected[:, ids.shape[1]:]
+    first, second = outputs.values()
+    assert (not torch.equal(first, second)) == hf_penalises_left_padding()

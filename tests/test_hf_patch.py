@@ -335,3 +335,152 @@ def test_failed_step_is_rolled_back(monkeypatch):
             mask = torch.cat([mask, torch.ones_like(chunk)], dim=1)
             out = model(chunk, attention_mask=mask, past_key_values=cache)
             torch.testing.assert_close(out.logits, expected[step + 1], atol=1e-4, rtol=1e-4)
+
+
+def test_crop_returns_whole_blocks_and_continues_like_hf():
+    """HF's crop (assisted decoding): n > 0 keeps n columns, n <= 0 drops -n; left padding is never stored, so
+    each sequence drops only its real tokens among the cropped columns."""
+    model = make_model()
+    ids, mask = padded_batch()                                       # 9 columns; 9, 5, 7 real tokens
+    steps = [torch.full((3, 1), t, device=DEVICE) for t in (9, 42, 17, 80, 3, 5)]
+    extra = torch.full((3, 2), 33, device=DEVICE)
+
+    def run(cache):
+        with torch.no_grad():
+            out = model(ids, attention_mask=mask, past_key_values=cache)
+            full = mask
+            for chunk in steps:
+                full = torch.cat([full, torch.ones_like(chunk)], dim=1)
+                out = model(chunk, attention_mask=full, past_key_values=out.past_key_values)
+            cache = out.past_key_values
+            cache.crop(0)                                            # a no-op in every transformers version
+            cache.crop(-4)                                           # 15 -> 11 columns
+            kept = cache.get_seq_length()
+            full = torch.cat([full[:, :kept], torch.ones_like(extra)], dim=1)
+            return model(extra, attention_mask=full, past_key_values=cache).logits, cache, kept
+
+    expected, _, kept = run(DynamicCache())
+    assert kept == 11
+    with kvkernels.patched(model, backend="torch", block_size=4):
+        got, cache, _ = run(None)
+        pool = cache.pool
+        assert [pool.seq_len(s) for s in range(3)] == [9 + 2 + 2, 5 + 2 + 2, 7 + 2 + 2]
+        assert pool.allocator.num_in_use == sum(-(-pool.seq_len(s) // 4) for s in range(3))
+        cache.crop(9)                                                # keep the prompt columns only
+        assert cache.get_seq_length() == 9 and [pool.seq_len(s) for s in range(3)] == [9, 5, 7]
+        assert pool.allocator.num_in_use == 3 + 2 + 2                # whole trailing blocks went back
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_unmasking_a_column_that_was_padding_is_a_clear_error():
+    model = make_model()
+    ids, mask = padded_batch()
+    with kvkernels.patched(model, backend="torch"), torch.no_grad():
+        cache = model(ids, attention_mask=mask).past_key_values
+        full = torch.cat([torch.ones_like(mask), torch.ones(3, 1, dtype=mask.dtype, device=DEVICE)], dim=1)
+        with pytest.raises(ValueError, match="never stored"):
+            model(ids[:, -1:], attention_mask=full, past_key_values=cache)
+        assert cache.get_seq_length() == 9                           # the failed call left the cache as it was
+
+
+def test_every_fallback_is_reported_once(recwarn):
+    model = make_model()
+    ids, mask = padded_batch()
+    kvkernels.patch(model, backend="torch")
+    for _ in range(2):
+        model(ids, attention_mask=mask)                             # gradients on: HF's path
+    messages = [str(w.message) for w in recwarn if "kvkernels" in str(w.message)]
+    assert len(messages) == 1 and "gradient" in messages[0]
+    kvkernels.unpatch(model)
+    recwarn.clear()
+    kvkernels.patch(model.transformer, backend="torch")               # only the base: generate makes a DynamicCache
+    expected = None
+    for _ in range(2):
+        got = model.generate(ids, attention_mask=mask, max_new_tokens=4)
+        expected = got if expected is None else expected
+    messages = [str(w.message) for w in recwarn if "kvkernels" in str(w.message)]
+    assert len(messages) == 1 and "only model.transformer is patched" in messages[0]
+    kvkernels.unpatch(model.transformer)
+    torch.testing.assert_close(model.generate(ids, attention_mask=mask, max_new_tokens=4), expected, rtol=0, atol=0)
+
+
+def test_dropout_in_a_training_block_runs_on_hf_path(monkeypatch):
+    model = make_model(attn_pdrop=0.5, resid_pdrop=0.0, embd_pdrop=0.0)
+    model.transformer.h[1].train()                                  # GPT2Model itself stays in eval mode
+    ids, mask = padded_batch()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        expected = model(ids, attention_mask=mask).logits
+    counter = AttendCounter(monkeypatch)
+    with kvkernels.patched(model, backend="torch"), torch.no_grad(), pytest.warns(UserWarning, match="training"):
+        torch.manual_seed(0)
+        got = model(ids, attention_mask=mask).logits
+    assert counter.calls == 0
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_left_padding_positions_match_the_attention_implementation(implementation):
+    """A labels= loss over a left-padded batch reads the padding positions: they must be what HF computes."""
+    model = make_model(attn_implementation=implementation)
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        expected = model(ids, attention_mask=mask, labels=ids)
+        with kvkernels.patched(model, backend="torch"):
+            got = model(ids, attention_mask=mask, labels=ids)
+    assert isinstance(got.past_key_values, PagedGPT2Cache)
+    torch.testing.assert_close(got.logits, expected.logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got.loss, expected.loss, atol=1e-5, rtol=1e-5)
+
+
+def test_cache_layers_show_hf_keys_and_survive_unpatch():
+    model = make_model()
+    ids, mask = padded_batch()
+    chunks = [torch.full((3, n), 7 + n, device=DEVICE) for n in (1, 2, 1)]
+
+    def run(cache, unpatch_after_prompt=False):
+        outputs = []
+        with torch.no_grad():
+            out = model(ids, attention_mask=mask, past_key_values=cache)
+            if unpatch_after_prompt:
+                keys = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+                kvkernels.unpatch(model)
+            full = mask
+            for chunk in chunks:
+                full = torch.cat([full, torch.ones_like(chunk)], dim=1)
+                out = model(chunk, attention_mask=full, past_key_values=out.past_key_values)
+                outputs.append(out.logits)
+        return outputs, out.past_key_values, keys if unpatch_after_prompt else None
+
+    with torch.no_grad():
+        prompt_cache = model(ids, attention_mask=mask, past_key_values=DynamicCache()).past_key_values
+    expected, hf_cache, _ = run(DynamicCache())
+    kvkernels.patch(model, backend="torch")
+    got, cache, keys = run(None, unpatch_after_prompt=True)
+    assert isinstance(cache, PagedGPT2Cache) and cache.get_seq_length() == hf_cache.get_seq_length()
+    real = mask.bool()
+    for (k, v), layer in zip(keys, prompt_cache.layers):
+        assert k.shape == layer.keys.shape                           # [B, H, seen, D], HF's padded layout
+        torch.testing.assert_close(k.transpose(1, 2)[real], layer.keys.transpose(1, 2)[real], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(v.transpose(1, 2)[real], layer.values.transpose(1, 2)[real], atol=1e-5, rtol=1e-5)
+        assert (k.transpose(1, 2)[~real] == 0).all()                  # padding is never stored
+    for have, want in zip(got, expected):
+        torch.testing.assert_close(have, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("cache_implementation", [None, "static"])
+def test_compiled_forward_generates_on_hf_cache_and_says_so(cache_implementation, recwarn):
+    """HF's test_generate_compile_model_forward_fullgraph: a fullgraph-compiled forward must trace (HF's own cache,
+    reported once), not fail inside dynamo on the paged cache."""
+    model = make_model()
+    ids, _ = padded_batch(prompt_lens=(6,))
+    expected = model.generate(ids, max_new_tokens=8, cache_implementation=cache_implementation)
+    with kvkernels.patched(model, backend="torch"):
+        model.forward = torch.compile(model.forward, fullgraph=True, backend="eager")
+        try:
+            got = model.generate(ids, max_new_tokens=8, cache_implementation=cache_implementation)
+        finally:
+            del model.forward
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    messages = [str(w.message) for w in recwarn if "kvkernels" in str(w.message)]
+    assert len(messages) == 1 and ("compiled" in messages[0] or "cache_implementation" in messages[0])
