@@ -148,7 +148,8 @@ def _batching_config(prompt: Prompt, new_tokens: int):
     """
     from transformers.generation import ContinuousBatchingConfig
     batch, prompt_len = prompt.ids.shape
-    page = ContinuousBatchingConfig().page_size
+    default = ContinuousBatchingConfig()
+    page = getattr(default, "page_size", None) or default.block_size   # renamed after transformers 5.17
     return ContinuousBatchingConfig(num_blocks=batch * -(-(prompt_len + new_tokens) // page) + batch,
                                     max_batch_tokens=max(256, batch * prompt_len))
 
