@@ -5,6 +5,8 @@ Grid of the main kernel: (batch, kv_head, split). A program serves every query h
 split it writes the normalised output directly; otherwise it writes an fp32 partial output and its
 base-2 log-sum-exp, and `_merge_splits_kernel` combines them.
 """
+import dataclasses
+
 import torch
 import triton
 import triton.language as tl
@@ -12,6 +14,9 @@ import triton.language as tl
 from .split import MIN_SPLIT_TOKENS, choose_num_splits, num_sms
 
 LOG2_E = 1.4426950408889634
+# CTAs per SM of the split decode kernel on sm_90, from the static model (kvkernels/static_model.py; its
+# test keeps this in step with the compiled kernel). Decides the split count on every device.
+TRITON_CTAS_PER_SM = 3
 
 
 @triton.jit
@@ -123,36 +128,34 @@ def _merge_splits_kernel(
     tl.store(out_ptr + seq * stride_ob + head * stride_oh + dims, out.to(out_ptr.dtype.element_ty), mask=dim_mask)
 
 
-def _tile_tokens(group_pad: int, head_dim_pad: int) -> int:
-    # Keep the [G, N, D] fp32 product near 4K elements per 4-warp program: enough bytes in flight per
-    # iteration without spilling (checked on sm_90 cubins by tests/test_triton_compile.py).
-    return max(16, min(128, 4096 // (group_pad * head_dim_pad)))
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+    tile: int       # tokens per loop iteration
+    num_warps: int
+    num_stages: int
 
 
-def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, shape, scale, out,
-                           *, num_splits=None, min_split_tokens=MIN_SPLIT_TOKENS):
-    """Launches the decode kernel (and the merge when splitting) into `out`. Inputs checked by kvkernels.ops.
+def decode_config(shape, dtype) -> DecodeConfig:
+    """Tile and warps for a shape. Keep the [G, N, D] fp32 product near 4K elements per 4-warp program:
+    enough bytes in flight per iteration without spilling (checked on sm_90 cubins by the static model)."""
+    group_pad = triton.next_power_of_2(shape.num_heads // shape.num_kv_heads)
+    head_dim_pad = triton.next_power_of_2(shape.head_dim)
+    return DecodeConfig(tile=max(16, min(128, 4096 // (group_pad * head_dim_pad))), num_warps=4, num_stages=3)
 
-    q, out [B, H, D]; k_cache, v_cache [num_blocks, block_size, H_kv, D]; block_tables int32 [B, M];
-    seq_lens int32 [B]; shape: the DecodeShape from validation.
-    num_splits: the static maximum partitions per sequence (default: the shared heuristic).
-    """
+
+def decode_launches(q, k_cache, v_cache, block_tables, seq_lens, shape, scale, out, config, num_splits,
+                    min_split_tokens=MIN_SPLIT_TOKENS):
+    """The kernel launches of one decode as [(kernel, args, kwargs, grid)]: run by `paged_decode_attention`,
+    compiled for sm_90 by `kvkernels.static_model`. Shapes as in `paged_decode_attention`."""
     batch, num_heads, head_dim = shape.batch, shape.num_heads, shape.head_dim
-    if batch == 0:
-        return out
     group = num_heads // shape.num_kv_heads
-    group_pad = triton.next_power_of_2(group)
     head_dim_pad = triton.next_power_of_2(head_dim)
-    tile = _tile_tokens(group_pad, head_dim_pad)
-    max_context = shape.max_blocks_per_seq * shape.block_size
-    if num_splits is None:
-        num_splits = choose_num_splits(batch, shape.num_kv_heads, max_context, num_sms(q.device), min_split_tokens)
     if num_splits > 1:
         partial_out = torch.empty(batch, num_heads, num_splits, head_dim, device=q.device, dtype=torch.float32)
         partial_lse = torch.empty(batch, num_heads, num_splits, device=q.device, dtype=torch.float32)
     else:
         partial_out = partial_lse = out  # unused: the kernel writes `out` directly
-    _paged_decode_kernel[(batch, shape.num_kv_heads, num_splits)](
+    launches = [(_paged_decode_kernel, (
         q, k_cache, v_cache, block_tables, seq_lens, out, partial_out, partial_lse,
         scale * LOG2_E,
         q.stride(0), q.stride(1),
@@ -161,14 +164,37 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, shape, s
         block_tables.stride(0),
         out.stride(0), out.stride(1),
         shape.max_blocks_per_seq, num_splits,
-        HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, GROUP=group, GROUP_PAD=group_pad,
-        BLOCK_SIZE=shape.block_size, TILE_N=tile, SPLIT=num_splits > 1, MIN_SPLIT_TOKENS=min_split_tokens,
-    )
+    ), dict(
+        HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, GROUP=group, GROUP_PAD=triton.next_power_of_2(group),
+        BLOCK_SIZE=shape.block_size, TILE_N=config.tile, SPLIT=num_splits > 1, MIN_SPLIT_TOKENS=min_split_tokens,
+        num_warps=config.num_warps,
+    ), (batch, shape.num_kv_heads, num_splits))]
     if num_splits > 1:
-        _merge_splits_kernel[(batch, num_heads)](
+        launches.append((_merge_splits_kernel, (
             partial_out, partial_lse, seq_lens, out,
             out.stride(0), out.stride(1), num_heads, shape.max_blocks_per_seq, num_splits,
-            HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_SIZE=shape.block_size, TILE_N=tile,
+        ), dict(
+            HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_SIZE=shape.block_size, TILE_N=config.tile,
             SPLITS_PAD=triton.next_power_of_2(num_splits), MIN_SPLIT_TOKENS=min_split_tokens,
-        )
+        ), (batch, num_heads, 1)))
+    return launches
+
+
+def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, shape, scale, out,
+                           *, num_splits=None, min_split_tokens=MIN_SPLIT_TOKENS):
+    """Launches the decode kernel (and the merge when splitting) into `out`. Inputs checked by kvkernels.ops.
+
+    q, out [B, H, D]; k_cache, v_cache [num_blocks, block_size, H_kv, D]; block_tables int32 [B, M];
+    seq_lens int32 [B]; shape: the DecodeShape from validation.
+    num_splits: the static maximum partitions per sequence (default: from occupancy, kvkernels.split).
+    """
+    if shape.batch == 0:
+        return out
+    config = decode_config(shape, q.dtype)
+    if num_splits is None:
+        num_splits = choose_num_splits(shape.batch, shape.num_kv_heads, shape.max_blocks_per_seq * shape.block_size,
+                                       num_sms(q.device), TRITON_CTAS_PER_SM, min_split_tokens)
+    for kernel, args, kwargs, grid in decode_launches(q, k_cache, v_cache, block_tables, seq_lens, shape, scale, out,
+                                                      config, num_splits, min_split_tokens):
+        kernel[grid](*args, **kwargs)
     return out
