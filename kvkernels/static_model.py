@@ -28,25 +28,10 @@ import torch
 from . import split, triton_decode
 from ._validate import check_decode_inputs
 
-# H100 SXM (sm_90) limits per SM, and the memory system the model streams against.
-SMS = 132
-REGS_PER_SM = 65536
-SMEM_PER_SM = 228 * 1024
-SMEM_RESERVED_PER_CTA = 1024  # the driver's per-CTA reservation on sm_90
-MAX_CTAS_PER_SM = 32
-MAX_THREADS_PER_SM = 2048
+SMS = 132  # H100 SXM
 HBM_BYTES_PER_S = 3.0e12
 DRAM_LATENCY_S = 700e-9
 TARGET_BYTES_IN_FLIGHT_PER_SM = HBM_BYTES_PER_S * DRAM_LATENCY_S / SMS
-
-
-def ctas_per_sm(n_regs: int, shared_bytes: int, num_warps: int) -> int:
-    """Resident CTAs per sm_90 SM for a kernel's registers per thread, shared bytes per CTA and warps."""
-    regs_per_warp = -(-n_regs * 32 // 256) * 256  # allocated per warp in units of 256
-    by_regs = REGS_PER_SM // (regs_per_warp * num_warps)
-    by_smem = SMEM_PER_SM // (shared_bytes + SMEM_RESERVED_PER_CTA)
-    by_threads = MAX_THREADS_PER_SM // (32 * num_warps)
-    return max(0, min(by_regs, by_smem, by_threads, MAX_CTAS_PER_SM))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,7 +175,7 @@ def analyse(kernel) -> dict:
         widths[bits] = widths.get(bits, 0) + 1
     return dict(
         regs=regs, spill_bytes=stack + local, shared=shared, warps=warps,
-        ctas_per_sm=ctas_per_sm(regs, shared, warps),
+        ctas_per_sm=split.ctas_per_sm(regs, shared, warps),
         loop_instructions=len(body), loads_per_tile=len(loads), load_widths=widths,
         serial_load_groups=len(groups),
         bytes_per_tile=sum(_load_bytes_per_thread(op) for op in loads) * 32 * warps,
@@ -211,29 +196,38 @@ def _point_tensors(point: DecodePoint):
     return q, cache, cache, tables, lens
 
 
-def model_point(point: DecodePoint, sms: int = SMS) -> dict:
-    """The launches a decode at `point` makes on an H100, each compiled and analysed."""
+def point_launches(point: DecodePoint, num_splits: int):
+    """[(kernel, args, kwargs, grid)] of a decode at `point` with `num_splits` (small stand-in tensors with
+    the real strides: only strides, alignment and ints decide the specialisation)."""
     q, k_cache, v_cache, tables, lens = _point_tensors(point)
     shape = check_decode_inputs(q, k_cache, v_cache, tables, lens)
-    out = torch.empty_like(q)
     config = triton_decode.decode_config(shape, q.dtype)
-    # Occupancy of the split variant decides the split count, as on the GPU.
-    fn, args, kwargs, _ = triton_decode.decode_launches(q, k_cache, v_cache, tables, lens, shape, 1.0, out, config,
-                                                        num_splits=2)[0]
+    return triton_decode.decode_launches(q, k_cache, v_cache, tables, lens, shape, 1.0, torch.empty_like(q), config,
+                                         num_splits)
+
+
+def point_splits(point: DecodePoint, sms: int = SMS) -> int:
+    """The split count a launch on `sms` SMs picks: from the compiled split kernel's occupancy, as on the GPU."""
+    fn, args, kwargs, _ = point_launches(point, num_splits=2)[0]
     occupancy = analyse(compile_launch(fn, args, kwargs))["ctas_per_sm"]
-    num_splits = split.choose_num_splits(point.batch, point.num_kv_heads, point.context, sms, occupancy)
+    tile = kwargs["TILE_N"]
+    return split.choose_num_splits(point.batch, point.num_kv_heads, point.context, sms, occupancy, tile)
+
+
+def model_point(point: DecodePoint, sms: int = SMS) -> list:
+    """The launches a decode at `point` makes on an H100, each compiled and analysed."""
+    num_splits = point_splits(point, sms)
     rows = []
-    for fn, args, kwargs, grid in triton_decode.decode_launches(q, k_cache, v_cache, tables, lens, shape, 1.0, out,
-                                                                config, num_splits=num_splits):
+    for fn, args, kwargs, grid in point_launches(point, num_splits):
         row = analyse(compile_launch(fn, args, kwargs))
         programs = grid[0] * grid[1] * grid[2]
-        waves = programs / max(1, row["ctas_per_sm"] * sms)
+        waves = programs / (row["ctas_per_sm"] * sms)
         resident = min(programs, row["ctas_per_sm"] * sms) / sms
         in_flight = row["bytes_in_flight_per_cta"] * resident
         row.update(point=point.name, kernel=fn.__name__.strip("_"), splits=num_splits, programs=programs,
                    waves=round(waves, 2), bytes_in_flight_per_sm=int(in_flight),
                    modelled_tb_s=round(min(HBM_BYTES_PER_S, in_flight * sms / DRAM_LATENCY_S)
-                                       * waves / max(1, -(-waves // 1)) / 1e12, 2))
+                                       * waves / -(-waves // 1) / 1e12, 2))
         rows.append(row)
     return rows
 
