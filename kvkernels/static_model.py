@@ -250,15 +250,20 @@ def markdown(rows) -> str:
     return "\n".join(lines)
 
 
+def header() -> str:
+    from importlib.metadata import version
+    return (f"static model: sm_90, triton {version('triton')}, {SMS} SMs, {HBM_BYTES_PER_S / 1e12:.1f} TB/s, "
+            f"{DRAM_LATENCY_S * 1e9:.0f} ns DRAM latency: {TARGET_BYTES_IN_FLIGHT_PER_SM / 1024:.1f} KB in flight "
+            "per SM keeps HBM busy")
+
+
 def main(argv=None):
-    import triton
     argv = sys.argv[1:] if argv is None else argv
     rows = table()
     if "--json" in argv:
         print(json.dumps(rows))
     else:
-        print(f"static model: sm_90, triton {triton.__version__}, {SMS} SMs, "
-              f"target {TARGET_BYTES_IN_FLIGHT_PER_SM / 1024:.1f} KB in flight per SM")
+        print(header())
         print(markdown(rows))
 
 

@@ -6,18 +6,21 @@ split it writes the normalised output directly; otherwise it writes an fp32 part
 base-2 log-sum-exp, and `_merge_splits_kernel` combines them.
 """
 import dataclasses
+import functools
 
 import torch
 import triton
 import triton.language as tl
 
+from ._validate import check_decode_inputs
 from .split import MIN_SPLIT_TOKENS, choose_num_splits, ctas_per_sm, num_sms
 
 LOG2_E = 1.4426950408889634
 # CTAs per SM of the split decode kernel on sm_90 for one head / grouped heads: the static model
-# (kvkernels/static_model.py, 2026-11-24, triton 3.9 and 3.6 agree; tests/test_triton_compile.py fails
-# when the compiled kernel disagrees). Used where no compiled kernel can be asked (the CPU interpreter).
-STATIC_CTAS_PER_SM = {False: 7, True: 5}
+# (kvkernels/static_model.py, 2026-11-24: 7 and 5 with triton 3.9, 6 and 5 with triton 3.6; the lower
+# kept; tests/test_triton_compile.py fails when the compiled kernel fits fewer). Used where no compiled
+# kernel can be asked (the CPU interpreter).
+STATIC_CTAS_PER_SM = {False: 6, True: 5}
 
 
 @triton.jit
@@ -225,23 +228,31 @@ def decode_launches(q, k_cache, v_cache, block_tables, seq_lens, shape, scale, o
     return launches
 
 
-_occupancy_cache = {}
+@functools.lru_cache(maxsize=None)
+def split_kernel_ctas_per_sm(device: torch.device, dtype: torch.dtype, group: int, head_dim: int,
+                             block_size: int) -> int:
+    """CTAs per SM of the split decode kernel: on CUDA from the kernel compiled for stand-in inputs of this
+    configuration (aligned and contiguous, as the caches are), elsewhere the static model's."""
+    if device.type != "cuda":
+        return STATIC_CTAS_PER_SM[group > 1]
+    q = torch.empty(1, group, head_dim, device=device, dtype=dtype)
+    cache = torch.empty(1, block_size, 1, head_dim, device=device, dtype=dtype)
+    tables = torch.zeros(1, 16, device=device, dtype=torch.int32)  # 16 columns: specialised like a real table
+    lens = torch.ones(1, device=device, dtype=torch.int32)
+    shape = check_decode_inputs(q, cache, cache, tables, lens)
+    fn, args, kwargs, grid = decode_launches(q, cache, cache, tables, lens, shape, 1.0, torch.empty_like(q),
+                                             decode_config(shape, dtype), num_splits=2)[0]
+    kernel = fn.warmup(*args, grid=grid, **kwargs)
+    kernel._init_handles()  # loads the cubin: n_regs is known from here
+    return ctas_per_sm(kernel.n_regs, kernel.metadata.shared, kernel.metadata.num_warps)
 
 
-def _split_kernel_occupancy(q, k_cache, v_cache, block_tables, seq_lens, shape, out, config) -> int:
-    """CTAs per SM of the split decode kernel these inputs launch: on CUDA from the compiled kernel (compiled
-    once per configuration, and the launch then finds it in Triton's cache), elsewhere the static model's."""
-    grouped = shape.num_heads > shape.num_kv_heads
-    if q.device.type != "cuda":
-        return STATIC_CTAS_PER_SM[grouped]
-    key = (q.device, q.dtype, shape.head_dim, shape.num_heads // shape.num_kv_heads, shape.block_size, config)
-    if key not in _occupancy_cache:
-        fn, args, kwargs, grid = decode_launches(q, k_cache, v_cache, block_tables, seq_lens, shape, 1.0, out, config,
-                                                 num_splits=2)[0]
-        kernel = fn.warmup(*args, grid=grid, **kwargs)
-        kernel._init_handles()  # loads the cubin: n_regs is known from here
-        _occupancy_cache[key] = ctas_per_sm(kernel.n_regs, kernel.metadata.shared, kernel.metadata.num_warps)
-    return _occupancy_cache[key]
+def default_num_splits(shape, dtype: torch.dtype, device: torch.device, min_split_tokens=MIN_SPLIT_TOKENS) -> int:
+    """The split count a launch of `shape` picks: from the split kernel's occupancy and the SM count."""
+    occupancy = split_kernel_ctas_per_sm(device, dtype, shape.num_heads // shape.num_kv_heads, shape.head_dim,
+                                         shape.block_size)
+    return choose_num_splits(shape.batch, shape.num_kv_heads, shape.max_blocks_per_seq * shape.block_size,
+                             num_sms(device), occupancy, decode_config(shape, dtype).tile, min_split_tokens)
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, shape, scale, out,
@@ -256,9 +267,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, shape, s
         return out
     config = decode_config(shape, q.dtype)
     if num_splits is None:
-        occupancy = _split_kernel_occupancy(q, k_cache, v_cache, block_tables, seq_lens, shape, out, config)
-        num_splits = choose_num_splits(shape.batch, shape.num_kv_heads, shape.max_blocks_per_seq * shape.block_size,
-                                       num_sms(q.device), occupancy, config.tile, min_split_tokens)
+        num_splits = default_num_splits(shape, q.dtype, q.device, min_split_tokens)
     for kernel, args, kwargs, grid in decode_launches(q, k_cache, v_cache, block_tables, seq_lens, shape, scale, out,
                                                       config, num_splits, min_split_tokens):
         kernel[grid](*args, **kwargs)

@@ -72,6 +72,14 @@ def test_csrc_compiles_for_sm80_and_sm90_without_spills(tmp_path):
     decode_kernels = {name for name, _ in entries if "paged_decode_kernel" in name}
     assert len(decode_kernels) == 3 * len(cuda_ext.SUPPORTED_HEAD_DIMS) * 4  # dtypes x head dims x group tiles
     assert {arch for _, arch in entries} == set(COMPILE_ARCHS)
+    # The split count trusts cuda_ext's register table for the occupancy: no sm_90 build may need more.
+    used = [re.search(r"^ '\w*paged_decode_kernelI(\w+?)Li\d+ELi(\d+)E\w*' for 'sm_90'.*?Used (\d+) registers", entry,
+                      re.DOTALL) for entry in ptxas.split("Compiling entry function")]
+    used = [m.groups() for m in used if m]
+    assert len(used) == len(decode_kernels), "one register count per sm_90 decode kernel"
+    for scalar, tile, registers in used:
+        element_size = 4 if scalar == "f" else 2
+        assert int(registers) <= cuda_ext.SM90_DECODE_REGISTERS[(element_size, int(tile))], (scalar, tile, registers)
 
 
 def test_op_schemas_parse_and_match_the_fake_implementations():
