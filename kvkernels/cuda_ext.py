@@ -10,6 +10,7 @@ Without a GPU, nvcc or a working build, `load()` warns once with the reason and 
 import importlib
 import importlib.util
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -108,6 +109,10 @@ def _jit_build():
     build_dir = os.environ.get("KVKERNELS_BUILD_DIR")
     if build_dir:
         os.makedirs(build_dir, exist_ok=True)
+    # One line: a first build takes minutes; later processes find it cached and load in a second.
+    where = build_dir or "torch's extension directory"
+    print(f"kvkernels: loading the CUDA extension (csrc/ is built for sm_{arch} on first use, cached in {where})",
+          file=sys.stderr, flush=True)
     try:
         module = cpp_extension.load(
             name=_JIT_NAME,

@@ -16,6 +16,8 @@ MIN_SPLIT_TOKENS = 256
 MAX_SPLITS = 64
 # The merge launch and its partial-output round trip, in DRAM latencies (one tile costs about one).
 MERGE_COST_TILES = 3
+# More splits must win by more than this fraction of the modelled time (each costs partial-output traffic).
+SPLIT_GAIN = 0.05
 
 
 # sm_90 (H100) limits per SM.
@@ -46,6 +48,11 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def wave_utilisation(programs: int, slots: int) -> float:
+    """Busy fraction of the `ceil(programs / slots)` waves of `slots` resident programs."""
+    return programs / (cdiv(programs, slots) * slots)
+
+
 def modelled_latencies(programs: int, splits: int, slots: int, max_context: int, tile: int) -> int:
     """Decode time in DRAM latencies: waves of resident programs, each streaming its partition's tiles."""
     waves = cdiv(programs * splits, slots)
@@ -57,10 +64,13 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, sm_count:
     """Upper bound on partitions per sequence; 1 means no merge launch at all.
 
     batch * num_kv_heads programs per split, `ctas_per_sm * sm_count` of them resident at once (a wave),
-    each streaming `tile` tokens per DRAM latency: the fewest splits with the least modelled time, so
-    the last wave is as full as the cap (`min_split_tokens` per partition, MAX_SPLITS) allows.
+    each streaming `tile` tokens per DRAM latency: the fewest splits within SPLIT_GAIN of the least
+    modelled time, so the last wave is as full as the cap (`min_split_tokens` per partition,
+    MAX_SPLITS) allows.
     """
     programs = max(1, batch * num_kv_heads)
     slots = max(1, ctas_per_sm) * sm_count
     cap = max(1, min(MAX_SPLITS, cdiv(max_context, min_split_tokens)))
-    return min(range(1, cap + 1), key=lambda s: (modelled_latencies(programs, s, slots, max_context, tile), s))
+    times = {s: modelled_latencies(programs, s, slots, max_context, tile) for s in range(1, cap + 1)}
+    best = min(times.values())
+    return min(s for s, t in times.items() if t <= best * (1 + SPLIT_GAIN))

@@ -25,7 +25,7 @@ import tempfile
 
 import torch
 
-from . import split, triton_decode
+from . import cuda_ext, split, triton_decode
 from ._validate import check_decode_inputs
 
 SMS = 132  # H100 SXM
@@ -220,20 +220,49 @@ def model_point(point: DecodePoint, sms: int = SMS) -> list:
     rows = []
     for fn, args, kwargs, grid in point_launches(point, num_splits):
         row = analyse(compile_launch(fn, args, kwargs))
-        programs = grid[0] * grid[1] * grid[2]
-        waves = programs / (row["ctas_per_sm"] * sms)
-        resident = min(programs, row["ctas_per_sm"] * sms) / sms
-        in_flight = row["bytes_in_flight_per_cta"] * resident
-        row.update(point=point.name, kernel=fn.__name__.strip("_"), splits=num_splits, programs=programs,
-                   waves=round(waves, 2), bytes_in_flight_per_sm=int(in_flight),
-                   modelled_tb_s=round(min(HBM_BYTES_PER_S, in_flight * sms / DRAM_LATENCY_S)
-                                       * waves / -(-waves // 1) / 1e12, 2))
+        row.update(point=point.name, kernel=fn.__name__.strip("_"), splits=num_splits,
+                   programs=grid[0] * grid[1] * grid[2])
+        _throughput(row, sms)
         rows.append(row)
     return rows
 
 
+def cuda_round_tokens(point: DecodePoint) -> int:
+    """Tokens one CTA of csrc's decode kernel loads per round (csrc/paged_decode.cuh DecodeConfig)."""
+    vecs = point.head_dim * getattr(torch, point.dtype).itemsize // 16
+    lanes = min(1 << (vecs - 1).bit_length(), 32)
+    _, group_tile = cuda_ext.head_chunking(point.num_heads // point.num_kv_heads)
+    return 128 // lanes * (2 if group_tile >= 4 else 4)
+
+
+def model_cuda_point(point: DecodePoint, sms: int = SMS) -> dict:
+    """The CUDA kernel at `point` from its sm_90 register table: a round's K and V rows issued together,
+    the next round's table entry looked up ahead (one DRAM latency per round)."""
+    itemsize = getattr(torch, point.dtype).itemsize
+    group = point.num_heads // point.num_kv_heads
+    chunks, _ = cuda_ext.head_chunking(group)
+    ctas = cuda_ext.decode_ctas_per_sm(itemsize, group)
+    splits = split.choose_num_splits(point.batch, point.num_kv_heads * chunks, point.context, sms, ctas,
+                                     cuda_round_tokens(point))
+    programs = point.batch * point.num_kv_heads * chunks * splits
+    per_cta = cuda_round_tokens(point) * point.head_dim * itemsize * 2
+    return _throughput(dict(point=point.name, kernel="cuda paged_decode_kernel", splits=splits, programs=programs,
+                            ctas_per_sm=ctas, bytes_in_flight_per_cta=per_cta), sms)
+
+
+def _throughput(row: dict, sms: int) -> dict:
+    """Adds waves, bytes in flight per SM and the modelled TB/s (Little's law, wave tail included)."""
+    slots = row["ctas_per_sm"] * sms
+    waves = row["programs"] / slots
+    in_flight = row["bytes_in_flight_per_cta"] * min(row["programs"], slots) / sms
+    tail = waves / -(-waves // 1) if waves > 1 else 1.0  # the last wave's idle slots
+    tb_s = min(HBM_BYTES_PER_S, in_flight * sms / DRAM_LATENCY_S) * tail / 1e12
+    row.update(waves=round(waves, 2), bytes_in_flight_per_sm=int(in_flight), modelled_tb_s=round(tb_s, 2))
+    return row
+
+
 def table(points=POINTS) -> list:
-    return [row for point in points for row in model_point(point)]
+    return [row for point in points for row in model_point(point) + [model_cuda_point(point)]]
 
 
 COLUMNS = ["point", "kernel", "splits", "programs", "warps", "regs", "spill_bytes", "shared", "ctas_per_sm", "waves",
@@ -244,8 +273,8 @@ COLUMNS = ["point", "kernel", "splits", "programs", "warps", "regs", "spill_byte
 def markdown(rows) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
     for row in rows:
-        cells = [", ".join(f"{n}x{w}b" for w, n in sorted(row[c].items())) if c == "load_widths" else str(row[c])
-                 for c in COLUMNS]
+        cells = [", ".join(f"{n}x{w}b" for w, n in sorted(row.get(c, {}).items())) if c == "load_widths"
+                 else str(row.get(c, "")) for c in COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -177,3 +177,30 @@ def test_triton_out_of_range_lengths_stay_in_bounds(num_splits):
     expected = reference.paged_decode_attention(*p.args())
     assert expected[0].isfinite().all()
     torch.testing.assert_close(out[0], expected[0], rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("ctas_per_sm", [3, 6, 7])
+@pytest.mark.parametrize("batch, context", [(16, 4096), (64, 16384), (4, 8192)])
+def test_split_count_fills_the_last_wave(ctas_per_sm, batch, context):
+    """GPT-2 heads on 132 SMs: the split count from the kernel's occupancy leaves the last wave >= 90% busy
+    (the old rule, 4 programs per SM whatever fitted, ran 1.45 waves at B=16 x 4k with 3 CTAs per SM)."""
+    slots = ctas_per_sm * 132
+    splits = kvkernels.split.choose_num_splits(batch, 12, context, 132, ctas_per_sm)
+    assert 1 <= splits <= min(kvkernels.split.MAX_SPLITS, context // kvkernels.split.MIN_SPLIT_TOKENS)
+    assert kvkernels.split.wave_utilisation(batch * 12 * splits, slots) >= 0.9, splits
+
+
+def test_split_count_follows_occupancy():
+    split = kvkernels.split
+    assert split.choose_num_splits(66, 12, 16384, 132, 6) == 1, "one exactly full wave needs no merge"
+    assert split.choose_num_splits(1, 12, 16384, 132, 7) == split.MAX_SPLITS, "one sequence: as many as allowed"
+    assert split.choose_num_splits(4, 12, 200, 132, 7) == 1, "shorter than one partition"
+    assert split.choose_num_splits(16, 12, 4096, 132, 3) < split.choose_num_splits(16, 12, 4096, 132, 7)
+
+
+def test_ctas_per_sm_from_registers_shared_memory_and_warps():
+    ctas = kvkernels.split.ctas_per_sm
+    assert ctas(168, 4096, 4) == 3   # the review's triton 3.6 cubin: registers bind
+    assert ctas(72, 544, 4) == 7     # csrc's one-head kernel
+    assert ctas(32, 100 * 1024, 4) == 2  # shared memory binds
+    assert ctas(16, 0, 1) == 32      # the CTA limit binds
