@@ -7,6 +7,7 @@ base-2 log-sum-exp, and `_merge_splits_kernel` combines them.
 """
 import dataclasses
 import functools
+import warnings
 
 import torch
 import triton
@@ -242,9 +243,14 @@ def split_kernel_ctas_per_sm(device: torch.device, dtype: torch.dtype, group: in
     shape = check_decode_inputs(q, cache, cache, tables, lens)
     fn, args, kwargs, grid = decode_launches(q, cache, cache, tables, lens, shape, 1.0, torch.empty_like(q),
                                              decode_config(shape, dtype), num_splits=2)[0]
-    kernel = fn.warmup(*args, grid=grid, **kwargs)
-    kernel._init_handles()  # loads the cubin: n_regs is known from here
-    return ctas_per_sm(kernel.n_regs, kernel.metadata.shared, kernel.metadata.num_warps)
+    try:
+        kernel = fn.warmup(*args, grid=grid, **kwargs)  # the launch then finds it in Triton's cache
+        kernel._init_handles()  # loads the cubin: n_regs is known from here
+        return ctas_per_sm(kernel.n_regs, kernel.metadata.shared, kernel.metadata.num_warps)
+    except Exception as e:  # a Triton whose compiled-kernel API moved: split by the model rather than fail
+        warnings.warn(f"kvkernels: could not read the decode kernel's occupancy ({e}); splitting by the static "
+                      "model's", RuntimeWarning, stacklevel=2)
+        return STATIC_CTAS_PER_SM[group > 1]
 
 
 def default_num_splits(shape, dtype: torch.dtype, device: torch.device, min_split_tokens=MIN_SPLIT_TOKENS) -> int:
