@@ -4,6 +4,10 @@ Grid of the main kernel: (batch, kv_head, split). A program serves every query h
 (grouped-query heads share one read of K/V) over one contiguous partition of the context. With one
 split it writes the normalised output directly; otherwise it writes an fp32 partial output and its
 base-2 log-sum-exp, and `_merge_splits_kernel` combines them.
+
+Decode streams K/V, so the loop is built for bytes in flight: each tile's block-table entries are loaded
+a tile ahead, K and V are issued together, one head per KV head reduces [N, D] x [D] in registers and
+grouped heads use two tensor-core dots. `kvkernels/static_model.py` checks the sm_90 cubins.
 """
 import dataclasses
 import functools
@@ -182,7 +186,7 @@ class DecodeConfig:
     num_stages: int
 
 
-def decode_config(shape, dtype) -> DecodeConfig:
+def decode_config(shape) -> DecodeConfig:
     """Tile, warps and pipeline depth for a shape (bounds checked on sm_90 cubins by the static model).
 
     TILE_N * D = 4K elements: 16 KB of fp16 K and V issued together per tile by a 4-warp program, which
@@ -242,7 +246,7 @@ def split_kernel_ctas_per_sm(device: torch.device, dtype: torch.dtype, group: in
     lens = torch.ones(1, device=device, dtype=torch.int32)
     shape = check_decode_inputs(q, cache, cache, tables, lens)
     fn, args, kwargs, grid = decode_launches(q, cache, cache, tables, lens, shape, 1.0, torch.empty_like(q),
-                                             decode_config(shape, dtype), num_splits=2)[0]
+                                             decode_config(shape), num_splits=2)[0]
     try:
         kernel = fn.warmup(*args, grid=grid, **kwargs)  # the launch then finds it in Triton's cache
         kernel._init_handles()  # loads the cubin: n_regs is known from here
@@ -258,7 +262,7 @@ def default_num_splits(shape, dtype: torch.dtype, device: torch.device, min_spli
     occupancy = split_kernel_ctas_per_sm(device, dtype, shape.num_heads // shape.num_kv_heads, shape.head_dim,
                                          shape.block_size)
     return choose_num_splits(shape.batch, shape.num_kv_heads, shape.max_blocks_per_seq * shape.block_size,
-                             num_sms(device), occupancy, decode_config(shape, dtype).tile, min_split_tokens)
+                             num_sms(device), occupancy, decode_config(shape).tile, min_split_tokens)
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, shape, scale, out,
@@ -271,7 +275,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, shape, s
     """
     if shape.batch == 0:
         return out
-    config = decode_config(shape, q.dtype)
+    config = decode_config(shape)
     if num_splits is None:
         num_splits = default_num_splits(shape, q.dtype, q.device, min_split_tokens)
     for kernel, args, kwargs, grid in decode_launches(q, k_cache, v_cache, block_tables, seq_lens, shape, scale, out,

@@ -67,8 +67,8 @@ def test_triton_random_ragged_batches(lens, block_size, group, num_splits, seed)
     check_against_reference(p, out)
 
 
-def split_tile(head_dim=64, group=1):
-    return triton_decode.decode_config(types.SimpleNamespace(head_dim=head_dim), None).tile
+def split_tile(head_dim=64):
+    return triton_decode.decode_config(types.SimpleNamespace(head_dim=head_dim)).tile
 
 
 @pytest.mark.parametrize("num_splits", [1, 2, 3, 5])
