@@ -194,13 +194,13 @@ def run_point(shape, batch, context, dtype_name, block_size, grid, device, copy_
         cells[name] = {"status": "ok", "us": us, "first_call_ms": first_call.seconds * 1e3, "gbps": gbps,
                        "pct_copy": 100 * gbps / copy_gbps,
                        "max_abs_err": err, "check": bool(written and err <= tol), "tolerance": tol}
+    num_splits = triton_decode.default_num_splits(check_decode_inputs(q, k_pool, v_pool, tables, lens), dtype, device)
     del q, k_pool, v_pool, k_dense, v_dense, expected, out
     free_device_memory(device)
     return {"shape": shape.name, "num_heads": shape.num_heads, "num_kv_heads": shape.num_kv_heads,
             "head_dim": shape.head_dim, "batch": batch, "context": context, "dtype": dtype_name,
             "block_size": block_size, "kv_bytes": kv_bytes,
-            "num_splits": triton_decode.default_num_splits(check_decode_inputs(q, k_pool, v_pool, tables, lens), dtype,
-                                                           device),
+            "num_splits": num_splits,
             "columns": cells}
 
 
