@@ -1,4 +1,4 @@
-"""Static performance model of the Triton decode kernels on an H100 (sm_90), built on the CPU.
+"""Static performance model of the decode kernels on an H100 (sm_90), built on the CPU.
 
 Compiles each launch exactly as `JITFunction.run` would specialise it (triton's own binder on the real
 arguments: 16-byte aligned pointers and ints divisible by 16 carry `tt.divisibility`, ints equal to 1
@@ -9,7 +9,9 @@ Bytes in flight: the loop body is walked as a cycle; a *load group* is a run of 
 before any instruction reads a register one of them writes. Loads in one group overlap in DRAM, groups
 follow each other by a full DRAM latency, so a tile costs `serial_load_groups` latencies and one CTA
 keeps on average its tile's bytes divided by that count in flight. By Little's law an H100 needs about
-HBM_BYTES_PER_S * DRAM_LATENCY_S / SMS (about 16 KB) in flight per SM to stream at full bandwidth.
+HBM_BYTES_PER_S * DRAM_LATENCY_S / SMS (about 15.5 KB) in flight per SM to stream at full bandwidth;
+the modelled TB/s is min(peak, in flight per SM * SMS / latency) times the last wave's busy fraction.
+The CUDA kernel (csrc/) is modelled from its sm_90 register table only (kvkernels/cuda_ext.py).
 
 Needs a triton with the NVIDIA backend and TRITON_INTERPRET unset: run it in its own process
 (`python -m kvkernels.static_model`, `python -m bench.kernels --static`, tests/compile_sm90.py).
