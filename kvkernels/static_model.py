@@ -203,7 +203,7 @@ def point_launches(point: DecodePoint, num_splits: int):
     the real strides: only strides, alignment and ints decide the specialisation)."""
     q, k_cache, v_cache, tables, lens = _point_tensors(point)
     shape = check_decode_inputs(q, k_cache, v_cache, tables, lens)
-    config = triton_decode.decode_config(shape)
+    config = triton_decode.decode_config(shape, q.dtype)
     return triton_decode.decode_launches(q, k_cache, v_cache, tables, lens, shape, 1.0, torch.empty_like(q), config,
                                          num_splits)
 

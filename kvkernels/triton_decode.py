@@ -79,6 +79,7 @@ def _paged_decode_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr,
     SPLIT: tl.constexpr, MIN_SPLIT_TOKENS: tl.constexpr, NUM_STAGES: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -125,6 +126,10 @@ def _paged_decode_kernel(
         lse = m + tl.log2(l)                                                   # [1]
     else:
         # Grouped heads: two tensor-core dots per tile, K/V read once for the whole group (G padded to 16).
+        # bf16 goes through tf32 (exact for bf16 values; p keeps 10 mantissa bits, not 7): Triton's
+        # interpreter has no bf16 dot, so the tested path is the one that runs.
+        if DOT_IN_FP32:
+            q = q.to(tl.float32)
         m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
         l = tl.zeros([GROUP_PAD], tl.float32)
         acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], tl.float32)                  # [G, D]
@@ -133,13 +138,16 @@ def _paged_decode_kernel(
             next_ids = _table_entries(table, tokens + TILE_N, end, BLOCK_SIZE)
             k, v = _load_tile(k_base, v_base, block_ids, tokens, end, dims, dim_mask,
                               stride_kb, stride_kt, stride_vb, stride_vt, BLOCK_SIZE)
-            scores = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale  # [G, N]
+            if DOT_IN_FP32:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [G, N]
             scores = tl.where((tokens < end)[None, :], scores, float("-inf"))
             m_new = tl.maximum(m, tl.max(scores, axis=1))
             p = tl.exp2(scores - m_new[:, None])                               # [G, N]
             alpha = tl.exp2(m - m_new)
             l = l * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
             m = m_new
             block_ids = next_ids
         out = acc / l[:, None]
@@ -186,13 +194,13 @@ class DecodeConfig:
     num_stages: int
 
 
-def decode_config(shape) -> DecodeConfig:
+def decode_config(shape, dtype: torch.dtype) -> DecodeConfig:
     """Tile, warps and pipeline depth for a shape (bounds checked on sm_90 cubins by the static model).
 
-    TILE_N * D = 4K elements: 16 KB of fp16 K and V issued together per tile by a 4-warp program, which
-    at 5-7 CTAs per SM is several times the ~16 KB per SM an H100 needs in flight."""
+    8 KB of K (and 8 KB of V) per tile, issued together by a 4-warp program: at 5-7 CTAs per SM several
+    times the ~16 KB per SM an H100 needs in flight, and small enough that fp32 tiles do not spill."""
     head_dim_pad = max(16, triton.next_power_of_2(shape.head_dim))
-    return DecodeConfig(tile=max(16, min(128, 4096 // head_dim_pad)), num_warps=4, num_stages=2)
+    return DecodeConfig(tile=max(16, min(128, 8192 // (head_dim_pad * dtype.itemsize))), num_warps=4, num_stages=2)
 
 
 def decode_launches(q, k_cache, v_cache, block_tables, seq_lens, shape, scale, out, config, num_splits,
@@ -220,7 +228,8 @@ def decode_launches(q, k_cache, v_cache, block_tables, seq_lens, shape, scale, o
     ), dict(
         HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, GROUP=group, GROUP_PAD=group_pad,
         BLOCK_SIZE=shape.block_size, TILE_N=config.tile, SPLIT=num_splits > 1, MIN_SPLIT_TOKENS=min_split_tokens,
-        NUM_STAGES=config.num_stages, num_warps=config.num_warps,
+        NUM_STAGES=config.num_stages, DOT_IN_FP32=q.dtype != torch.float16,
+        DOT_PRECISION="tf32" if q.dtype == torch.bfloat16 else "ieee", num_warps=config.num_warps,
     ), (batch, shape.num_kv_heads, num_splits))]
     if num_splits > 1:
         launches.append((_merge_splits_kernel, (
@@ -246,7 +255,7 @@ def split_kernel_ctas_per_sm(device: torch.device, dtype: torch.dtype, group: in
     lens = torch.ones(1, device=device, dtype=torch.int32)
     shape = check_decode_inputs(q, cache, cache, tables, lens)
     fn, args, kwargs, grid = decode_launches(q, cache, cache, tables, lens, shape, 1.0, torch.empty_like(q),
-                                             decode_config(shape), num_splits=2)[0]
+                                             decode_config(shape, dtype), num_splits=2)[0]
     try:
         kernel = fn.warmup(*args, grid=grid, **kwargs)  # the launch then finds it in Triton's cache
         kernel._init_handles()  # loads the cubin: n_regs is known from here
@@ -262,7 +271,7 @@ def default_num_splits(shape, dtype: torch.dtype, device: torch.device, min_spli
     occupancy = split_kernel_ctas_per_sm(device, dtype, shape.num_heads // shape.num_kv_heads, shape.head_dim,
                                          shape.block_size)
     return choose_num_splits(shape.batch, shape.num_kv_heads, shape.max_blocks_per_seq * shape.block_size,
-                             num_sms(device), occupancy, decode_config(shape).tile, min_split_tokens)
+                             num_sms(device), occupancy, decode_config(shape, dtype).tile, min_split_tokens)
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, shape, scale, out,
@@ -275,7 +284,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, shape, s
     """
     if shape.batch == 0:
         return out
-    config = decode_config(shape)
+    config = decode_config(shape, q.dtype)
     if num_splits is None:
         num_splits = default_num_splits(shape, q.dtype, q.device, min_split_tokens)
     for kernel, args, kwargs, grid in decode_launches(q, k_cache, v_cache, block_tables, seq_lens, shape, scale, out,

@@ -23,6 +23,8 @@ DECODE_CASES = {
     "decode-fp16-d128-gqa4": (point("float16", 128, 8, 2), 1),
     "decode-fp32-d256-split4": (point("float32", 256, 2, 2), 4),
     "decode-fp16-d96-gqa3-split2": (point("float16", 96, 6, 2), 2),
+    "decode-fp32-d128-gqa4": (point("float32", 128, 8, 2), 1),
+    "decode-bf16-d128-gqa4": (point("bfloat16", 128, 8, 2), 1),
     # the design points the static bounds are asserted on
     "gpt2-split22": (DecodePoint("gpt2", batch=16, context=4096, **GPT2), 22),
     "gqa-32x8-d128-split8": (DecodePoint("gqa", batch=16, context=4096, **GQA), 8),

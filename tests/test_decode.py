@@ -48,10 +48,10 @@ def test_block_boundaries(backend, block_size):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("heads", [(8, 2), (6, 1), (6, 2), (12, 3)], ids=["gqa4", "mqa", "gqa3", "gqa4x3"])
-def test_grouped_query_heads(backend, heads):
-    p = make_problem([9, 70], num_heads=heads[0], num_kv_heads=heads[1], head_dim=64, dtype=torch.float16,
-                     device=DEVICE)
+def test_grouped_query_heads(backend, dtype, heads):
+    p = make_problem([9, 70], num_heads=heads[0], num_kv_heads=heads[1], head_dim=64, dtype=dtype, device=DEVICE)
     check_against_reference(p, run_backend(p, backend, scale=0.3), scale=0.3)
 
 
@@ -68,7 +68,7 @@ def test_triton_random_ragged_batches(lens, block_size, group, num_splits, seed)
 
 
 def split_tile(head_dim=64):
-    return triton_decode.decode_config(types.SimpleNamespace(head_dim=head_dim)).tile
+    return triton_decode.decode_config(types.SimpleNamespace(head_dim=head_dim), torch.float16).tile
 
 
 @pytest.mark.parametrize("num_splits", [1, 2, 3, 5])

@@ -19,7 +19,7 @@ from kvkernels import static_model, triton_decode  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CASES = ["decode-fp16-d64", "decode-bf16-d80-split8", "decode-bf16-d80-split8-merge", "decode-fp16-d128-gqa4",
          "decode-fp32-d256-split4", "decode-fp32-d256-split4-merge", "decode-fp16-d96-gqa3-split2",
-         "decode-fp16-d96-gqa3-split2-merge", "gpt2-split22", "gpt2-split22-merge", "gqa-32x8-d128-split8",
+         "decode-fp16-d96-gqa3-split2-merge", "decode-fp32-d128-gqa4", "decode-bf16-d128-gqa4", "gpt2-split22", "gpt2-split22-merge", "gqa-32x8-d128-split8",
          "gqa-32x8-d128-split8-merge", "write-h12-d64"]
 # design point -> (grouped heads, K and V bytes of one tile: TILE_N * D fp16 elements each)
 DESIGN_POINTS = {"gpt2-split22": (False, 2 * 64 * 64 * 2), "gqa-32x8-d128-split8": (True, 2 * 32 * 128 * 2)}
