@@ -17,7 +17,7 @@ BACKENDS = ("auto", "triton", "cuda", "torch")
 AUTO_SOURCE = ("static model (python -m bench.kernels --static), 2026-11-24, triton 3.6 (the GPU machine's "
                "version) and csrc's sm_90 ptxas registers (nvcc 13.0); no GPU run yet")
 AUTO_TABLE = {  # grouped query heads -> {backend: (modelled TB/s, bytes in flight per SM)}
-    False: {"triton": (2.56, 82105), "cuda": (2.45, 82664)},  # gpt2 12 x 64 fp16, B=1..64 x 1k..16k
+    False: {"triton": (2.56, 82105), "cuda": (2.53, 82664)},  # gpt2 12 x 64 fp16, B=1..64 x 1k..16k
     True: {"triton": (3.00, 80430), "cuda": (3.00, 31775)},   # 32 q / 8 kv heads x 128 fp16, B=1..16
 }
 

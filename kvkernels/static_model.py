@@ -10,7 +10,7 @@ before any instruction reads a register one of them writes. Loads in one group o
 follow each other by a full DRAM latency, so a tile costs `serial_load_groups` latencies and one CTA
 keeps on average its tile's bytes divided by that count in flight. By Little's law an H100 needs about
 HBM_BYTES_PER_S * DRAM_LATENCY_S / SMS (about 15.5 KB) in flight per SM to stream at full bandwidth;
-the modelled TB/s is min(peak, in flight per SM * SMS / latency) times the last wave's busy fraction.
+the modelled TB/s streams each wave at min(peak, its bytes in flight / latency).
 The CUDA kernel (csrc/) is modelled from its sm_90 register table only (kvkernels/cuda_ext.py).
 
 Needs a triton with the NVIDIA backend and TRITON_INTERPRET unset: run it in its own process
@@ -253,13 +253,20 @@ def model_cuda_point(point: DecodePoint, sms: int = SMS) -> dict:
 
 
 def _throughput(row: dict, sms: int) -> dict:
-    """Adds waves, bytes in flight per SM and the modelled TB/s (Little's law, wave tail included)."""
+    """Adds waves, bytes in flight per SM and the modelled TB/s: each wave streams at
+    min(peak, its resident CTAs' bytes in flight / latency) (Little's law), so a tail wave costs only
+    where it holds too few CTAs to keep HBM busy."""
     slots = row["ctas_per_sm"] * sms
-    waves = row["programs"] / slots
-    in_flight = row["bytes_in_flight_per_cta"] * min(row["programs"], slots) / sms
-    tail = waves / -(-waves // 1) if waves > 1 else 1.0  # the last wave's idle slots
-    tb_s = min(HBM_BYTES_PER_S, in_flight * sms / DRAM_LATENCY_S) * tail / 1e12
-    row.update(waves=round(waves, 2), bytes_in_flight_per_sm=int(in_flight), modelled_tb_s=round(tb_s, 2))
+    full_waves, tail = divmod(row["programs"], slots)
+    wave_sizes = [slots] * full_waves + ([tail] if tail else [])
+    tb_s = 0.0
+    if row["bytes_in_flight_per_cta"]:
+        # every CTA streams the same bytes: a wave of n CTAs takes n / rate(n) in those units
+        rates = [min(HBM_BYTES_PER_S, n * row["bytes_in_flight_per_cta"] / DRAM_LATENCY_S) for n in wave_sizes]
+        tb_s = row["programs"] / sum(n / r for n, r in zip(wave_sizes, rates)) / 1e12
+    row.update(waves=round(row["programs"] / slots, 2),
+               bytes_in_flight_per_sm=int(row["bytes_in_flight_per_cta"] * min(row["programs"], slots) / sms),
+               modelled_tb_s=round(tb_s, 2))
     return row
 
 
