@@ -11,10 +11,15 @@ that as a percentage of the device copy bandwidth measured at the start of the s
 
     python -m bench.kernels                 # the full grid (GPU)
     python -m bench.kernels --quick         # tiny shapes, runs on CPU in seconds
+    python -m bench.kernels --static        # the static sm_90 model's table (CPU, no GPU needed)
 """
 import argparse
 import dataclasses
+import json
 import math
+import os
+import subprocess
+import sys
 from dataclasses import asdict, dataclass
 
 import torch
@@ -22,9 +27,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import kvkernels
-from kvkernels import reference
+from kvkernels import reference, triton_decode
+from kvkernels._validate import check_decode_inputs
 from kvkernels.ops import resolve_backend
-from kvkernels.split import choose_num_splits, num_sms
 
 from . import plots
 from .common import (DTYPES, Stopwatch, add_run_args, bench_us, default_device, environment, environment_markdown,
@@ -190,13 +195,13 @@ def run_point(shape, batch, context, dtype_name, block_size, grid, device, copy_
         cells[name] = {"status": "ok", "us": us, "first_call_ms": first_call.seconds * 1e3, "gbps": gbps,
                        "pct_copy": 100 * gbps / copy_gbps,
                        "max_abs_err": err, "check": bool(written and err <= tol), "tolerance": tol}
+    num_splits = triton_decode.default_num_splits(check_decode_inputs(q, k_pool, v_pool, tables, lens), dtype, device)
     del q, k_pool, v_pool, k_dense, v_dense, expected, out
     free_device_memory(device)
     return {"shape": shape.name, "num_heads": shape.num_heads, "num_kv_heads": shape.num_kv_heads,
             "head_dim": shape.head_dim, "batch": batch, "context": context, "dtype": dtype_name,
             "block_size": block_size, "kv_bytes": kv_bytes,
-            "num_splits": choose_num_splits(batch, shape.num_kv_heads, math.ceil(context / block_size) * block_size,
-                                            num_sms(device)),
+            "num_splits": num_splits,
             "columns": cells}
 
 
@@ -302,11 +307,29 @@ def parse_args(argv=None):
                                                                           "gqa (32 q / 8 kv heads x 128)")
     parser.add_argument("--seed", type=int, default=0, help="random seed for the inputs")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--static", action="store_true", help="print the static sm_90 performance model's table "
+                                                              "(kvkernels.static_model) instead of timing")
     return parser.parse_args(argv)
+
+
+def static_table() -> list:
+    """Prints and returns the static model's rows. It compiles real kernels, so it runs in a child process
+    without TRITON_INTERPRET (which this process may have set to run Triton on the CPU)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    run = subprocess.run([sys.executable, "-m", "kvkernels.static_model", "--json"], env=env, capture_output=True,
+                         text=True, check=True)
+    rows = json.loads(run.stdout.strip().splitlines()[-1])
+    from kvkernels import static_model
+    print(static_model.header())
+    print(static_model.markdown(rows))
+    return rows
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.static:
+        return {"static": static_table()}
     overrides = {"batches": args.batches, "contexts": args.contexts, "dtypes": args.dtypes,
                  "block_sizes": args.block_sizes, "shapes": args.shapes}
     grid = dataclasses.replace(QUICK_GRID if args.quick else KernelGrid(), seed=args.seed,

@@ -10,18 +10,26 @@ Without a GPU, nvcc or a working build, `load()` warns once with the reason and 
 import importlib
 import importlib.util
 import os
+import sys
 import warnings
 from pathlib import Path
 
 import torch
 
-from .split import MIN_SPLIT_TOKENS, choose_num_splits, num_sms
+from .split import MIN_SPLIT_TOKENS, choose_num_splits, ctas_per_sm, num_sms
 
 SUPPORTED_HEAD_DIMS = (32, 64, 80, 96, 128, 256)
 MIN_BLOCK_SIZE, MAX_BLOCK_SIZE = 8, 256
 CSRC_DIR = Path(__file__).resolve().parent.parent / "csrc"
 SOURCES = ("ops.cpp", "paged_decode_fp16.cu", "paged_decode_bf16.cu", "paged_decode_fp32.cu", "write_kv.cu")
 _JIT_NAME = "kvkernels_cuda"
+# Registers per thread of csrc's decode kernel on sm_90, the most over head dims, by (element bytes, group
+# tile): `ptxas -v`, nvcc 13.0, 2026-11-24 (tests/test_cuda_ext.py's compile test fails if a build needs
+# more). With its 128 threads and at most 1056 bytes of shared memory they give the CTAs per SM the split uses.
+SM90_DECODE_REGISTERS = {(2, 1): 72, (2, 2): 96, (2, 4): 123, (2, 8): 222,
+                         (4, 1): 107, (4, 2): 122, (4, 4): 134, (4, 8): 223}
+DECODE_THREADS, DECODE_SHARED_BYTES = 128, 1056
+MAX_GROUP_TILE = 8  # csrc/kvkernels.h kMaxGroupTile
 # Shown in the build error's place: ninja's full log is long, its end says what failed.
 _ERROR_TAIL_CHARS = 3000
 
@@ -101,6 +109,10 @@ def _jit_build():
     build_dir = os.environ.get("KVKERNELS_BUILD_DIR")
     if build_dir:
         os.makedirs(build_dir, exist_ok=True)
+    # One line: a first build takes minutes; later processes find it cached and load in a second.
+    where = build_dir or "torch's extension directory"
+    print(f"kvkernels: loading the CUDA extension (csrc/ is built for sm_{arch} on first use, cached in {where})",
+          file=sys.stderr, flush=True)
     try:
         module = cpp_extension.load(
             name=_JIT_NAME,
@@ -155,6 +167,26 @@ def check_supported(head_dim: int, block_size: int) -> None:
                          f"from {MIN_BLOCK_SIZE} to {MAX_BLOCK_SIZE}")
 
 
+def head_chunking(group: int):
+    """(chunks, group tile) of csrc/kvkernels.h chunk_heads: CTAs per KV head and the kernel's head tile."""
+    chunks = -(-group // MAX_GROUP_TILE)
+    return chunks, 1 << (-(-group // chunks) - 1).bit_length()
+
+
+def decode_ctas_per_sm(element_size: int, group: int) -> int:
+    """CTAs per SM of the CUDA decode kernel on sm_90, from its registers (static: no GPU query needed)."""
+    registers = SM90_DECODE_REGISTERS[(max(element_size, 2), head_chunking(group)[1])]
+    return ctas_per_sm(registers, DECODE_SHARED_BYTES, DECODE_THREADS // 32)
+
+
+def default_num_splits(shape, dtype: torch.dtype, device: torch.device) -> int:
+    """Split count from the CUDA kernel's occupancy, with the Triton backend's rule (kvkernels.split)."""
+    group = shape.num_heads // shape.num_kv_heads
+    chunks, _ = head_chunking(group)
+    return choose_num_splits(shape.batch, shape.num_kv_heads * chunks, shape.max_blocks_per_seq * shape.block_size,
+                             num_sms(device), decode_ctas_per_sm(dtype.itemsize, group))
+
+
 def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, shape, scale, out):
     """Runs the CUDA decode kernel (and the split merge when splitting) into `out`. Inputs checked by kvkernels.ops.
 
@@ -172,8 +204,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, shape, s
     if out.numel() == 0:
         return
     # Same static maximum as the Triton backend: from the table's capacity, never from seq_lens (no sync).
-    max_splits = choose_num_splits(shape.batch, shape.num_kv_heads, shape.max_blocks_per_seq * shape.block_size,
-                                   num_sms(q.device))
+    max_splits = default_num_splits(shape, q.dtype, q.device)
     if max_splits > 1:
         partial_out = torch.empty(shape.batch, shape.num_heads, max_splits, shape.head_dim,
                                   device=q.device, dtype=torch.float32)

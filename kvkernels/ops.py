@@ -10,6 +10,17 @@ from ._validate import check_decode_inputs, check_decode_values, check_slot_valu
 
 BACKENDS = ("auto", "triton", "cuda", "torch")
 
+# backend="auto" for decode on a CUDA device: per shape class (grouped query heads or not), the backend with
+# the higher modelled HBM throughput (TB/s, mean over the model's points of that class), then the more bytes
+# in flight per SM. A GPU run of both (`python -m bench.kernels`) replaces these with measured numbers and
+# names its run here.
+AUTO_SOURCE = ("static model (python -m bench.kernels --static), 2026-11-24, triton 3.6 (the GPU machine's "
+               "version) and csrc's sm_90 ptxas registers (nvcc 13.0); no GPU run yet")
+AUTO_TABLE = {  # grouped query heads -> {backend: (modelled TB/s, bytes in flight per SM)}
+    False: {"triton": (2.56, 82105), "cuda": (2.53, 82664)},  # gpt2 12 x 64 fp16, B=1..64 x 1k..16k
+    True: {"triton": (3.00, 80430), "cuda": (3.00, 31775)},   # 32 q / 8 kv heads x 128 fp16, B=1..16
+}
+
 
 def _unit_stride(x):
     """The kernels index the last dim (and 1-D index tensors) with unit stride; tiny copies otherwise."""
@@ -30,11 +41,30 @@ def triton_available(device: torch.device) -> bool:
     return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Maps "auto" to the fastest backend for `device` and checks that an explicit choice can run there."""
+def auto_decode_backend(shape, device: torch.device) -> str:
+    """The faster of Triton and CUDA for this decode shape by AUTO_TABLE; Triton where CUDA cannot run it
+    (unsupported head dim or block size, or the extension does not load: its first use builds it)."""
+    if device.type != "cuda" or not triton_available(device):
+        return "triton" if triton_available(device) else "torch"
+    ranked = sorted(AUTO_TABLE[shape.num_heads > shape.num_kv_heads].items(), key=lambda item: item[1], reverse=True)
+    if ranked[0][0] == "cuda":
+        from . import cuda_ext
+        supported = (shape.head_dim in cuda_ext.SUPPORTED_HEAD_DIMS
+                     and cuda_ext.MIN_BLOCK_SIZE <= shape.block_size <= cuda_ext.MAX_BLOCK_SIZE
+                     and shape.block_size & (shape.block_size - 1) == 0)
+        if supported and cuda_ext.load() is not None:
+            return "cuda"
+    return "triton"
+
+
+def resolve_backend(backend: str, device: torch.device, shape=None) -> str:
+    """Maps "auto" to the fastest backend for `device` (and the decode `shape`, when given) and checks that an
+    explicit choice can run there."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
+        if shape is not None:
+            return auto_decode_backend(shape, device)
         return "triton" if triton_available(device) else "torch"
     if backend == "triton" and not triton_available(device):
         raise RuntimeError(f"backend='triton' cannot run on {device}: it needs CUDA tensors, or TRITON_INTERPRET=1 "
@@ -60,7 +90,8 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, *, scale
             a sequence's last block are never read.
         seq_lens: int32 [B], tokens cached for each sequence, 1 <= seq_lens <= max_blocks_per_seq * block_size.
         scale: softmax scale, default D ** -0.5.
-        backend: "auto" | "triton" | "cuda" | "torch".
+        backend: "auto" | "triton" | "cuda" | "torch". "auto": on CUDA the faster of Triton and CUDA for this
+            shape (AUTO_TABLE), on the CPU Triton's interpreter when TRITON_INTERPRET=1, else the reference.
         validate: check seq_lens and the block ids in use (one device sync; skipped while capturing a
             CUDA graph). Callers that own the tables, like PagedKVCache, pass False.
         out: optional [B, H, D] tensor of q's dtype and device to write into (a static buffer for CUDA
@@ -70,7 +101,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, *, scale
         out: [B, H, D] in q's dtype.
     """
     shape = check_decode_inputs(q, k_cache, v_cache, block_tables, seq_lens)
-    backend = resolve_backend(backend, q.device)
+    backend = resolve_backend(backend, q.device, shape)
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1:

@@ -3,6 +3,9 @@
 Shared by the Triton and CUDA backends so both split the same way. The host picks only a static
 maximum (from the table's capacity, never from seq_lens, so no device sync and CUDA-graph safe);
 each sequence then uses as many of those partitions as its own length needs, on the device.
+
+The count comes from occupancy: the CTAs per SM the compiled kernel fits (registers, shared memory,
+warps) times the SM count is one wave; the split count is the smallest that fills whole waves best.
 """
 import functools
 
@@ -11,8 +14,27 @@ import torch
 # A partition shorter than this costs more in the merge than it wins in parallelism.
 MIN_SPLIT_TOKENS = 256
 MAX_SPLITS = 64
-# Decode is bandwidth-bound: aim for a few resident programs per SM so enough loads are in flight.
-PROGRAMS_PER_SM = 4
+# The merge launch and its partial-output round trip, in DRAM latencies (one tile costs about one).
+MERGE_COST_TILES = 3
+# More splits must win by more than this fraction of the modelled time (each costs partial-output traffic).
+SPLIT_GAIN = 0.05
+
+
+# sm_90 (H100) limits per SM.
+REGS_PER_SM = 65536
+SMEM_PER_SM = 228 * 1024
+SMEM_RESERVED_PER_CTA = 1024  # the driver's per-CTA reservation
+MAX_CTAS_PER_SM = 32
+MAX_THREADS_PER_SM = 2048
+
+
+def ctas_per_sm(n_regs: int, shared_bytes: int, num_warps: int) -> int:
+    """Resident CTAs per SM for a kernel's registers per thread, shared bytes per CTA and warps."""
+    regs_per_warp = -(-n_regs * 32 // 256) * 256  # allocated per warp in units of 256
+    by_regs = REGS_PER_SM // (regs_per_warp * num_warps)
+    by_smem = SMEM_PER_SM // (shared_bytes + SMEM_RESERVED_PER_CTA)
+    by_threads = MAX_THREADS_PER_SM // (32 * num_warps)
+    return max(1, min(by_regs, by_smem, by_threads, MAX_CTAS_PER_SM))
 
 
 @functools.lru_cache(maxsize=None)
@@ -26,12 +48,29 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, sm_count: int,
-                      min_split_tokens: int = MIN_SPLIT_TOKENS) -> int:
-    """Upper bound on partitions per sequence; 1 means no merge launch at all."""
-    programs = batch * num_kv_heads
-    target = PROGRAMS_PER_SM * sm_count
-    if programs >= target or max_context <= min_split_tokens:
-        return 1
-    return max(1, min(cdiv(target, programs), cdiv(max_context, min_split_tokens), MAX_SPLITS))
+def wave_utilisation(programs: int, slots: int) -> float:
+    """Busy fraction of the `ceil(programs / slots)` waves of `slots` resident programs."""
+    return programs / (cdiv(programs, slots) * slots)
 
+
+def modelled_latencies(programs: int, splits: int, slots: int, max_context: int, tile: int) -> int:
+    """Decode time in DRAM latencies: waves of resident programs, each streaming its partition's tiles."""
+    waves = cdiv(programs * splits, slots)
+    return waves * cdiv(cdiv(max_context, splits), tile) + (MERGE_COST_TILES if splits > 1 else 0)
+
+
+def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, sm_count: int, ctas_per_sm: int,
+                      tile: int = 64, min_split_tokens: int = MIN_SPLIT_TOKENS) -> int:
+    """Upper bound on partitions per sequence; 1 means no merge launch at all.
+
+    batch * num_kv_heads programs per split, `ctas_per_sm * sm_count` of them resident at once (a wave),
+    each streaming `tile` tokens per DRAM latency: the fewest splits within SPLIT_GAIN of the least
+    modelled time, so the last wave is as full as the cap (`min_split_tokens` per partition,
+    MAX_SPLITS) allows.
+    """
+    programs = max(1, batch * num_kv_heads)
+    slots = max(1, ctas_per_sm) * sm_count
+    cap = max(1, min(MAX_SPLITS, cdiv(max_context, min_split_tokens)))
+    times = {s: modelled_latencies(programs, s, slots, max_context, tile) for s in range(1, cap + 1)}
+    best = min(times.values())
+    return min(s for s, t in times.items() if t <= best * (1 + SPLIT_GAIN))

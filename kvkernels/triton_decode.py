@@ -4,14 +4,28 @@ Grid of the main kernel: (batch, kv_head, split). A program serves every query h
 (grouped-query heads share one read of K/V) over one contiguous partition of the context. With one
 split it writes the normalised output directly; otherwise it writes an fp32 partial output and its
 base-2 log-sum-exp, and `_merge_splits_kernel` combines them.
+
+Decode streams K/V, so the loop is built for bytes in flight: each tile's block-table entries are loaded
+a tile ahead, K and V are issued together, one head per KV head reduces [N, D] x [D] in registers and
+grouped heads use two tensor-core dots. `kvkernels/static_model.py` checks the sm_90 cubins.
 """
+import dataclasses
+import functools
+import warnings
+
 import torch
 import triton
 import triton.language as tl
 
-from .split import MIN_SPLIT_TOKENS, choose_num_splits, num_sms
+from ._validate import check_decode_inputs
+from .split import MIN_SPLIT_TOKENS, choose_num_splits, ctas_per_sm, num_sms
 
 LOG2_E = 1.4426950408889634
+# CTAs per SM of the split decode kernel on sm_90 for one head / grouped heads: the static model
+# (kvkernels/static_model.py, 2026-11-24: 7 and 5 with triton 3.9, 6 and 5 with triton 3.6; the lower
+# kept; tests/test_triton_compile.py fails when the compiled kernel fits fewer). Used where no compiled
+# kernel can be asked (the CPU interpreter).
+STATIC_CTAS_PER_SM = {False: 6, True: 5}
 
 
 @triton.jit
@@ -30,6 +44,26 @@ def _clamped_seq_len(seq_lens_ptr, seq, max_blocks_per_seq, BLOCK_SIZE: tl.const
 
 
 @triton.jit
+def _table_entries(table, tokens, end, BLOCK_SIZE: tl.constexpr):
+    # Block ids of `tokens` (masked past the partition, so a prefetch past the end reads nothing).
+    return tl.load(table + tokens // BLOCK_SIZE, mask=tokens < end, other=0).to(tl.int64)
+
+
+@triton.jit
+def _load_tile(k_base, v_base, block_ids, tokens, end, dims, dim_mask,
+               stride_kb, stride_kt, stride_vb, stride_vt, BLOCK_SIZE: tl.constexpr):
+    # K and V rows of one tile, both issued before either is used. Masked loads, not masked scores:
+    # free slots may hold NaN and 0 * NaN = NaN.
+    slot_in_block = (tokens % BLOCK_SIZE).to(tl.int64)
+    kv_mask = (tokens < end)[:, None] & dim_mask[None, :]
+    k = tl.load(k_base + (block_ids * stride_kb + slot_in_block * stride_kt)[:, None] + dims[None, :],
+                mask=kv_mask, other=0.0)                                       # [N, D]
+    v = tl.load(v_base + (block_ids * stride_vb + slot_in_block * stride_vt)[:, None] + dims[None, :],
+                mask=kv_mask, other=0.0)                                       # [N, D]
+    return k, v
+
+
+@triton.jit
 def _paged_decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
     out_ptr, partial_out_ptr, partial_lse_ptr,
@@ -44,7 +78,8 @@ def _paged_decode_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr,
-    SPLIT: tl.constexpr, MIN_SPLIT_TOKENS: tl.constexpr,
+    SPLIT: tl.constexpr, MIN_SPLIT_TOKENS: tl.constexpr, NUM_STAGES: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -59,44 +94,73 @@ def _paged_decode_kernel(
     dims = tl.arange(0, HEAD_DIM_PAD)
     head_mask = group < GROUP
     dim_mask = dims < HEAD_DIM
-    q = tl.load(q_ptr + seq * stride_qb + heads[:, None] * stride_qh + dims[None, :],
-                mask=head_mask[:, None] & dim_mask[None, :], other=0.0)
-    q = q.to(tl.float32) * qk_scale                                            # [G, D]
-
-    m = tl.full([GROUP_PAD], float("-inf"), tl.float32)                        # running max (base 2)
-    l = tl.zeros([GROUP_PAD], tl.float32)                                      # running sum of exp2
-    acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], tl.float32)                      # [G, D]
+    q_mask = head_mask[:, None] & dim_mask[None, :]
+    q = tl.load(q_ptr + seq * stride_qb + heads[:, None] * stride_qh + dims[None, :], mask=q_mask, other=0.0)
     table = block_tables_ptr + seq.to(tl.int64) * stride_tb
-    for tile_start in range(start, end, TILE_N):
-        tokens = tile_start + tl.arange(0, TILE_N)                             # [N]
-        token_mask = tokens < end
-        block_ids = tl.load(table + tokens // BLOCK_SIZE, mask=token_mask, other=0).to(tl.int64)
-        slot_in_block = (tokens % BLOCK_SIZE).to(tl.int64)
-        kv_mask = token_mask[:, None] & dim_mask[None, :]
-        # Masked loads, not masked scores: free slots may hold NaN and 0 * NaN = NaN.
-        k = tl.load(k_cache_ptr + (block_ids * stride_kb + slot_in_block * stride_kt + kv_head * stride_kh)[:, None]
-                    + dims[None, :], mask=kv_mask, other=0.0).to(tl.float32)   # [N, D]
-        v = tl.load(v_cache_ptr + (block_ids * stride_vb + slot_in_block * stride_vt + kv_head * stride_vh)[:, None]
-                    + dims[None, :], mask=kv_mask, other=0.0).to(tl.float32)   # [N, D]
-        scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2)                 # [G, N]
-        scores = tl.where(token_mask[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m, tl.max(scores, axis=1))
-        p = tl.exp2(scores - m_new[:, None])                                   # [G, N]
-        alpha = tl.exp2(m - m_new)
-        l = l * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
-        m = m_new
+    k_base = k_cache_ptr + kv_head.to(tl.int64) * stride_kh
+    v_base = v_cache_ptr + kv_head.to(tl.int64) * stride_vh
+    offsets = tl.arange(0, TILE_N)
+    block_ids = _table_entries(table, start + offsets, end, BLOCK_SIZE)        # [N] first tile's entries
 
-    out = acc / l[:, None]            # seq_len 0 gives 0 / 0 = NaN: loud, never a plausible answer
-    out_mask = head_mask[:, None] & dim_mask[None, :]
+    if GROUP == 1:
+        # One head: [N, D] x [D] reductions in fp32, no [G, N, D] broadcast.
+        q1 = tl.sum(q.to(tl.float32), axis=0) * qk_scale                       # [D]
+        m = tl.full([1], float("-inf"), tl.float32)                            # running max (base 2)
+        l = tl.zeros([1], tl.float32)                                          # running sum of exp2
+        acc = tl.zeros([HEAD_DIM_PAD], tl.float32)                             # [D]
+        for tile_start in tl.range(start, end, TILE_N, num_stages=NUM_STAGES):
+            tokens = tile_start + offsets                                      # [N]
+            next_ids = _table_entries(table, tokens + TILE_N, end, BLOCK_SIZE)  # a round ahead
+            k, v = _load_tile(k_base, v_base, block_ids, tokens, end, dims, dim_mask,
+                              stride_kb, stride_kt, stride_vb, stride_vt, BLOCK_SIZE)
+            scores = tl.sum(k.to(tl.float32) * q1[None, :], axis=1)            # [N]
+            scores = tl.where(tokens < end, scores, float("-inf"))
+            m_new = tl.maximum(m, tl.max(scores, axis=0))                      # [1]
+            p = tl.exp2(scores - m_new)                                        # [N]
+            alpha = tl.exp2(m - m_new)
+            l = l * alpha + tl.sum(p, axis=0)
+            acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
+            m = m_new
+            block_ids = next_ids
+        out = (acc / l)[None, :]      # [1, D]; seq_len 0 gives 0 / 0 = NaN: loud, never a plausible answer
+        lse = m + tl.log2(l)                                                   # [1]
+    else:
+        # Grouped heads: two tensor-core dots per tile, K/V read once for the whole group (G padded to 16).
+        # bf16 goes through tf32 (exact for bf16 values; p keeps 10 mantissa bits, not 7): Triton's
+        # interpreter has no bf16 dot, so the tested path is the one that runs.
+        if DOT_IN_FP32:
+            q = q.to(tl.float32)
+        m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+        l = tl.zeros([GROUP_PAD], tl.float32)
+        acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], tl.float32)                  # [G, D]
+        for tile_start in tl.range(start, end, TILE_N, num_stages=NUM_STAGES):
+            tokens = tile_start + offsets
+            next_ids = _table_entries(table, tokens + TILE_N, end, BLOCK_SIZE)
+            k, v = _load_tile(k_base, v_base, block_ids, tokens, end, dims, dim_mask,
+                              stride_kb, stride_kt, stride_vb, stride_vt, BLOCK_SIZE)
+            if DOT_IN_FP32:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [G, N]
+            scores = tl.where((tokens < end)[None, :], scores, float("-inf"))
+            m_new = tl.maximum(m, tl.max(scores, axis=1))
+            p = tl.exp2(scores - m_new[:, None])                               # [G, N]
+            alpha = tl.exp2(m - m_new)
+            l = l * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            m = m_new
+            block_ids = next_ids
+        out = acc / l[:, None]
+        lse = m + tl.log2(l)
+
     if not SPLIT:
         o_ptrs = out_ptr + seq * stride_ob + heads[:, None] * stride_oh + dims[None, :]
-        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=out_mask)
+        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=q_mask)
     else:
         # partial_out: fp32 [B, H, max_splits, HEAD_DIM] contiguous; partial_lse: fp32 [B, H, max_splits]
         row = (seq * (GROUP * tl.num_programs(1)) + heads).to(tl.int64) * max_splits + split    # [G]
-        tl.store(partial_out_ptr + row[:, None] * HEAD_DIM + dims[None, :], out, mask=out_mask)
-        tl.store(partial_lse_ptr + row, m + tl.log2(l), mask=head_mask)
+        tl.store(partial_out_ptr + row[:, None] * HEAD_DIM + dims[None, :], out, mask=q_mask)
+        tl.store(partial_lse_ptr + row, lse, mask=head_mask)
 
 
 @triton.jit
@@ -123,36 +187,36 @@ def _merge_splits_kernel(
     tl.store(out_ptr + seq * stride_ob + head * stride_oh + dims, out.to(out_ptr.dtype.element_ty), mask=dim_mask)
 
 
-def _tile_tokens(group_pad: int, head_dim_pad: int) -> int:
-    # Keep the [G, N, D] fp32 product near 4K elements per 4-warp program: enough bytes in flight per
-    # iteration without spilling (checked on sm_90 cubins by tests/test_triton_compile.py).
-    return max(16, min(128, 4096 // (group_pad * head_dim_pad)))
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+    tile: int       # tokens per loop iteration
+    num_warps: int
+    num_stages: int
 
 
-def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, shape, scale, out,
-                           *, num_splits=None, min_split_tokens=MIN_SPLIT_TOKENS):
-    """Launches the decode kernel (and the merge when splitting) into `out`. Inputs checked by kvkernels.ops.
+def decode_config(shape, dtype: torch.dtype) -> DecodeConfig:
+    """Tile, warps and pipeline depth for a shape (bounds checked on sm_90 cubins by the static model).
 
-    q, out [B, H, D]; k_cache, v_cache [num_blocks, block_size, H_kv, D]; block_tables int32 [B, M];
-    seq_lens int32 [B]; shape: the DecodeShape from validation.
-    num_splits: the static maximum partitions per sequence (default: the shared heuristic).
-    """
+    8 KB of K (and 8 KB of V) per tile, issued together by a 4-warp program: at 5-7 CTAs per SM several
+    times the ~16 KB per SM an H100 needs in flight, and small enough that fp32 tiles do not spill."""
+    head_dim_pad = max(16, triton.next_power_of_2(shape.head_dim))
+    return DecodeConfig(tile=max(16, min(128, 8192 // (head_dim_pad * dtype.itemsize))), num_warps=4, num_stages=2)
+
+
+def decode_launches(q, k_cache, v_cache, block_tables, seq_lens, shape, scale, out, config, num_splits,
+                    min_split_tokens=MIN_SPLIT_TOKENS):
+    """The kernel launches of one decode as [(kernel, args, kwargs, grid)]: run by `paged_decode_attention`,
+    compiled for sm_90 by `kvkernels.static_model`. Shapes as in `paged_decode_attention`."""
     batch, num_heads, head_dim = shape.batch, shape.num_heads, shape.head_dim
-    if batch == 0:
-        return out
     group = num_heads // shape.num_kv_heads
-    group_pad = triton.next_power_of_2(group)
-    head_dim_pad = triton.next_power_of_2(head_dim)
-    tile = _tile_tokens(group_pad, head_dim_pad)
-    max_context = shape.max_blocks_per_seq * shape.block_size
-    if num_splits is None:
-        num_splits = choose_num_splits(batch, shape.num_kv_heads, max_context, num_sms(q.device), min_split_tokens)
+    head_dim_pad = max(16, triton.next_power_of_2(head_dim))
+    group_pad = 1 if group == 1 else max(16, triton.next_power_of_2(group))  # tl.dot needs 16 rows
     if num_splits > 1:
         partial_out = torch.empty(batch, num_heads, num_splits, head_dim, device=q.device, dtype=torch.float32)
         partial_lse = torch.empty(batch, num_heads, num_splits, device=q.device, dtype=torch.float32)
     else:
         partial_out = partial_lse = out  # unused: the kernel writes `out` directly
-    _paged_decode_kernel[(batch, shape.num_kv_heads, num_splits)](
+    launches = [(_paged_decode_kernel, (
         q, k_cache, v_cache, block_tables, seq_lens, out, partial_out, partial_lse,
         scale * LOG2_E,
         q.stride(0), q.stride(1),
@@ -161,14 +225,69 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, shape, s
         block_tables.stride(0),
         out.stride(0), out.stride(1),
         shape.max_blocks_per_seq, num_splits,
+    ), dict(
         HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, GROUP=group, GROUP_PAD=group_pad,
-        BLOCK_SIZE=shape.block_size, TILE_N=tile, SPLIT=num_splits > 1, MIN_SPLIT_TOKENS=min_split_tokens,
-    )
+        BLOCK_SIZE=shape.block_size, TILE_N=config.tile, SPLIT=num_splits > 1, MIN_SPLIT_TOKENS=min_split_tokens,
+        NUM_STAGES=config.num_stages, DOT_IN_FP32=q.dtype != torch.float16,
+        DOT_PRECISION="tf32" if q.dtype == torch.bfloat16 else "ieee", num_warps=config.num_warps,
+    ), (batch, shape.num_kv_heads, num_splits))]
     if num_splits > 1:
-        _merge_splits_kernel[(batch, num_heads)](
+        launches.append((_merge_splits_kernel, (
             partial_out, partial_lse, seq_lens, out,
             out.stride(0), out.stride(1), num_heads, shape.max_blocks_per_seq, num_splits,
-            HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_SIZE=shape.block_size, TILE_N=tile,
+        ), dict(
+            HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_SIZE=shape.block_size, TILE_N=config.tile,
             SPLITS_PAD=triton.next_power_of_2(num_splits), MIN_SPLIT_TOKENS=min_split_tokens,
-        )
+        ), (batch, num_heads, 1)))
+    return launches
+
+
+@functools.lru_cache(maxsize=None)
+def split_kernel_ctas_per_sm(device: torch.device, dtype: torch.dtype, group: int, head_dim: int,
+                             block_size: int) -> int:
+    """CTAs per SM of the split decode kernel: on CUDA from the kernel compiled for stand-in inputs of this
+    configuration (aligned and contiguous, as the caches are), elsewhere the static model's."""
+    if device.type != "cuda":
+        return STATIC_CTAS_PER_SM[group > 1]
+    q = torch.empty(1, group, head_dim, device=device, dtype=dtype)
+    cache = torch.empty(1, block_size, 1, head_dim, device=device, dtype=dtype)
+    tables = torch.zeros(1, 16, device=device, dtype=torch.int32)  # 16 columns: specialised like a real table
+    lens = torch.ones(1, device=device, dtype=torch.int32)
+    shape = check_decode_inputs(q, cache, cache, tables, lens)
+    fn, args, kwargs, grid = decode_launches(q, cache, cache, tables, lens, shape, 1.0, torch.empty_like(q),
+                                             decode_config(shape, dtype), num_splits=2)[0]
+    try:
+        kernel = fn.warmup(*args, grid=grid, **kwargs)  # the launch then finds it in Triton's cache
+        kernel._init_handles()  # loads the cubin: n_regs is known from here
+        return ctas_per_sm(kernel.n_regs, kernel.metadata.shared, kernel.metadata.num_warps)
+    except Exception as e:  # a Triton whose compiled-kernel API moved: split by the model rather than fail
+        warnings.warn(f"kvkernels: could not read the decode kernel's occupancy ({e}); splitting by the static "
+                      "model's", RuntimeWarning, stacklevel=2)
+        return STATIC_CTAS_PER_SM[group > 1]
+
+
+def default_num_splits(shape, dtype: torch.dtype, device: torch.device, min_split_tokens=MIN_SPLIT_TOKENS) -> int:
+    """The split count a launch of `shape` picks: from the split kernel's occupancy and the SM count."""
+    occupancy = split_kernel_ctas_per_sm(device, dtype, shape.num_heads // shape.num_kv_heads, shape.head_dim,
+                                         shape.block_size)
+    return choose_num_splits(shape.batch, shape.num_kv_heads, shape.max_blocks_per_seq * shape.block_size,
+                             num_sms(device), occupancy, decode_config(shape, dtype).tile, min_split_tokens)
+
+
+def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, shape, scale, out,
+                           *, num_splits=None, min_split_tokens=MIN_SPLIT_TOKENS):
+    """Launches the decode kernel (and the merge when splitting) into `out`. Inputs checked by kvkernels.ops.
+
+    q, out [B, H, D]; k_cache, v_cache [num_blocks, block_size, H_kv, D]; block_tables int32 [B, M];
+    seq_lens int32 [B]; shape: the DecodeShape from validation.
+    num_splits: the static maximum partitions per sequence (default: from occupancy, kvkernels.split).
+    """
+    if shape.batch == 0:
+        return out
+    config = decode_config(shape, q.dtype)
+    if num_splits is None:
+        num_splits = default_num_splits(shape, q.dtype, q.device, min_split_tokens)
+    for kernel, args, kwargs, grid in decode_launches(q, k_cache, v_cache, block_tables, seq_lens, shape, scale, out,
+                                                      config, num_splits, min_split_tokens):
+        kernel[grid](*args, **kwargs)
     return out

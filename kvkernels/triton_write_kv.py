@@ -30,21 +30,28 @@ def _write_kv_kernel(
              v, mask=mask)
 
 
-def write_kv_cache(k, v, k_cache, v_cache, slot_mapping):
-    """k, v [N, H_kv, D]; k_cache, v_cache [num_blocks, block_size, H_kv, D]; slot_mapping int64 [N].
-
-    Inputs already checked by kvkernels.ops. Slot -1 skips the token.
-    """
-    num_tokens = k.shape[0]
-    if num_tokens == 0:
-        return
+def write_kv_launch(k, v, k_cache, v_cache, slot_mapping):
+    """The launch as (kernel, args, kwargs, grid): run by `write_kv_cache`, compiled for sm_90 by
+    `kvkernels.static_model`. Shapes as in `write_kv_cache`."""
     _, block_size, num_kv_heads, head_dim = k_cache.shape
-    _write_kv_kernel[(num_tokens,)](
+    return _write_kv_kernel, (
         k, v, k_cache, v_cache, slot_mapping, k_cache.shape[0] * block_size,
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+    ), dict(
         NUM_KV_HEADS=num_kv_heads, HEADS_PAD=triton.next_power_of_2(num_kv_heads),
         HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim), BLOCK_SIZE=block_size,
-    )
+    ), (k.shape[0],)
+
+
+def write_kv_cache(k, v, k_cache, v_cache, slot_mapping):
+    """k, v [N, H_kv, D]; k_cache, v_cache [num_blocks, block_size, H_kv, D]; slot_mapping int64 [N].
+
+    Inputs already checked by kvkernels.ops. Slot -1 skips the token.
+    """
+    if k.shape[0] == 0:
+        return
+    kernel, args, kwargs, grid = write_kv_launch(k, v, k_cache, v_cache, slot_mapping)
+    kernel[grid](*args, **kwargs)

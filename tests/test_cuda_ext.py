@@ -72,6 +72,14 @@ def test_csrc_compiles_for_sm80_and_sm90_without_spills(tmp_path):
     decode_kernels = {name for name, _ in entries if "paged_decode_kernel" in name}
     assert len(decode_kernels) == 3 * len(cuda_ext.SUPPORTED_HEAD_DIMS) * 4  # dtypes x head dims x group tiles
     assert {arch for _, arch in entries} == set(COMPILE_ARCHS)
+    # The split count trusts cuda_ext's register table for the occupancy: no sm_90 build may need more.
+    used = [re.search(r"^ '\w*paged_decode_kernelI(\w+?)Li\d+ELi(\d+)E\w*' for 'sm_90'.*?Used (\d+) registers", entry,
+                      re.DOTALL) for entry in ptxas.split("Compiling entry function")]
+    used = [m.groups() for m in used if m]
+    assert len(used) == len(decode_kernels), "one register count per sm_90 decode kernel"
+    for scalar, tile, registers in used:
+        element_size = 4 if scalar == "f" else 2
+        assert int(registers) <= cuda_ext.SM90_DECODE_REGISTERS[(element_size, int(tile))], (scalar, tile, registers)
 
 
 def test_op_schemas_parse_and_match_the_fake_implementations():
@@ -433,3 +441,71 @@ def test_compute_sanitizer_memcheck_is_clean(cuda_backend, tmp_path):
     output = result.stdout + result.stderr
     assert result.returncode == 0 and "sanitized run done" in output, output[-6000:]
     assert "ERROR SUMMARY: 0 errors" in output, output[-6000:]
+
+
+# ----------------------------------------------------------------------------------------------------
+# CPU: backend="auto" per shape, and the lazy build's one progress line
+# ----------------------------------------------------------------------------------------------------
+
+def decode_shape(num_heads, num_kv_heads, head_dim=64, block_size=16):
+    from kvkernels._validate import DecodeShape
+    return DecodeShape(batch=4, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, num_blocks=64,
+                       block_size=block_size, max_blocks_per_seq=8)
+
+
+@pytest.fixture
+def load_calls(monkeypatch):
+    calls = []
+
+    def fake_load(result=object()):
+        calls.append(1)
+        return result
+    monkeypatch.setattr(cuda_ext, "load", fake_load)
+    return calls
+
+
+def test_auto_picks_the_faster_backend_per_shape_class(monkeypatch, load_calls):
+    from kvkernels import ops
+    monkeypatch.setitem(ops.AUTO_TABLE, True, {"triton": (2.0, 1), "cuda": (2.5, 1)})
+    monkeypatch.setitem(ops.AUTO_TABLE, False, {"triton": (2.5, 1), "cuda": (2.5, 2)})  # tie: more bytes in flight
+    cuda = torch.device("cuda")
+    assert ops.auto_decode_backend(decode_shape(32, 8), cuda) == "cuda"
+    assert ops.auto_decode_backend(decode_shape(12, 12), cuda) == "cuda"
+    monkeypatch.setitem(ops.AUTO_TABLE, False, {"triton": (2.6, 1), "cuda": (2.5, 2)})
+    calls_before = len(load_calls)
+    assert ops.auto_decode_backend(decode_shape(12, 12), cuda) == "triton"
+    assert len(load_calls) == calls_before, "the CUDA extension is loaded (built) only when it is the pick"
+
+
+def test_auto_falls_back_to_triton_where_cuda_cannot_run(monkeypatch, load_calls):
+    from kvkernels import ops
+    monkeypatch.setitem(ops.AUTO_TABLE, True, {"triton": (2.0, 1), "cuda": (2.5, 1)})
+    cuda = torch.device("cuda")
+    assert ops.auto_decode_backend(decode_shape(32, 8, head_dim=40), cuda) == "triton"   # no such kernel
+    assert ops.auto_decode_backend(decode_shape(32, 8, block_size=4), cuda) == "triton"
+    assert not load_calls, "unsupported shapes never trigger a build"
+    monkeypatch.setattr(cuda_ext, "load", lambda: None)  # extension unavailable (no nvcc, failed build)
+    assert ops.auto_decode_backend(decode_shape(32, 8), cuda) == "triton"
+
+
+def test_auto_table_names_its_source_and_covers_both_backends():
+    from kvkernels import ops
+    assert "static model" in ops.AUTO_SOURCE or "GPU run" in ops.AUTO_SOURCE
+    for grouped in (False, True):
+        assert set(ops.AUTO_TABLE[grouped]) == {"triton", "cuda"}
+
+
+def test_jit_build_prints_one_progress_line(monkeypatch, capsys, tmp_path):
+    from torch.utils import cpp_extension
+    built = []
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", "/usr/local/cuda")
+    monkeypatch.setattr(cpp_extension, "is_ninja_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda: (9, 0))
+    monkeypatch.setattr(cpp_extension, "load", lambda **kw: built.append(kw) or (_ for _ in ()).throw(
+        RuntimeError("simulated compiler error")))
+    monkeypatch.setenv("KVKERNELS_BUILD_DIR", str(tmp_path))
+    module, reason = cuda_ext._jit_build()
+    assert module is None and "simulated compiler error" in reason and len(built) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kvkernels: loading the CUDA extension") and str(tmp_path) in lines[0]
+    assert "sm_90" in lines[0]

@@ -1,4 +1,6 @@
 """Every kernel backend against the reference: dtypes, head dims, block sizes, splits, GQA, ragged lengths."""
+import types
+
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -46,10 +48,10 @@ def test_block_boundaries(backend, block_size):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("heads", [(8, 2), (6, 1), (6, 2), (12, 3)], ids=["gqa4", "mqa", "gqa3", "gqa4x3"])
-def test_grouped_query_heads(backend, heads):
-    p = make_problem([9, 70], num_heads=heads[0], num_kv_heads=heads[1], head_dim=64, dtype=torch.float16,
-                     device=DEVICE)
+def test_grouped_query_heads(backend, dtype, heads):
+    p = make_problem([9, 70], num_heads=heads[0], num_kv_heads=heads[1], head_dim=64, dtype=dtype, device=DEVICE)
     check_against_reference(p, run_backend(p, backend, scale=0.3), scale=0.3)
 
 
@@ -65,8 +67,8 @@ def test_triton_random_ragged_batches(lens, block_size, group, num_splits, seed)
     check_against_reference(p, out)
 
 
-def split_tile(head_dim=64, group=1):
-    return triton_decode._tile_tokens(group, head_dim)
+def split_tile(head_dim=64):
+    return triton_decode.decode_config(types.SimpleNamespace(head_dim=head_dim), torch.float16).tile
 
 
 @pytest.mark.parametrize("num_splits", [1, 2, 3, 5])
@@ -93,7 +95,8 @@ def test_triton_default_split_heuristic_splits_long_contexts():
     """With the heuristic's own choice (several splits for one long sequence) the result still matches."""
     p = make_problem([700, 3], num_heads=1, num_kv_heads=1, head_dim=32, block_size=32, device=DEVICE)
     shape = check_decode_inputs(*p.args())
-    assert kvkernels.split.choose_num_splits(2, 1, shape.max_blocks_per_seq * 32, kvkernels.split.num_sms(DEVICE)) > 1
+    assert kvkernels.split.choose_num_splits(2, 1, shape.max_blocks_per_seq * 32, kvkernels.split.num_sms(DEVICE),
+                                             triton_decode.STATIC_CTAS_PER_SM[False]) > 1
     check_against_reference(p, run_backend(p, "triton"))
 
 
@@ -174,3 +177,30 @@ def test_triton_out_of_range_lengths_stay_in_bounds(num_splits):
     expected = reference.paged_decode_attention(*p.args())
     assert expected[0].isfinite().all()
     torch.testing.assert_close(out[0], expected[0], rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("ctas_per_sm", [3, 6, 7])
+@pytest.mark.parametrize("batch, context", [(16, 4096), (64, 16384), (4, 8192)])
+def test_split_count_fills_the_last_wave(ctas_per_sm, batch, context):
+    """GPT-2 heads on 132 SMs: the split count from the kernel's occupancy leaves the last wave >= 90% busy
+    (the old rule, 4 programs per SM whatever fitted, ran 1.45 waves at B=16 x 4k with 3 CTAs per SM)."""
+    slots = ctas_per_sm * 132
+    splits = kvkernels.split.choose_num_splits(batch, 12, context, 132, ctas_per_sm)
+    assert 1 <= splits <= min(kvkernels.split.MAX_SPLITS, context // kvkernels.split.MIN_SPLIT_TOKENS)
+    assert kvkernels.split.wave_utilisation(batch * 12 * splits, slots) >= 0.9, splits
+
+
+def test_split_count_follows_occupancy():
+    split = kvkernels.split
+    assert split.choose_num_splits(66, 12, 16384, 132, 6) == 1, "one exactly full wave needs no merge"
+    assert split.choose_num_splits(1, 12, 16384, 132, 7) == split.MAX_SPLITS, "one sequence: as many as allowed"
+    assert split.choose_num_splits(4, 12, 200, 132, 7) == 1, "shorter than one partition"
+    assert split.choose_num_splits(16, 12, 4096, 132, 3) < split.choose_num_splits(16, 12, 4096, 132, 7)
+
+
+def test_ctas_per_sm_from_registers_shared_memory_and_warps():
+    ctas = kvkernels.split.ctas_per_sm
+    assert ctas(168, 4096, 4) == 3   # the review's triton 3.6 cubin: registers bind
+    assert ctas(72, 544, 4) == 7     # csrc's one-head kernel
+    assert ctas(32, 100 * 1024, 4) == 2  # shared memory binds
+    assert ctas(16, 0, 1) == 32      # the CTA limit binds

@@ -1,0 +1,309 @@
+"""Static performance model of the decode kernels on an H100 (sm_90), built on the CPU.
+
+Compiles each launch exactly as `JITFunction.run` would specialise it (triton's own binder on the real
+arguments: 16-byte aligned pointers and ints divisible by 16 carry `tt.divisibility`, ints equal to 1
+become constants), then reads the cubin: registers, spills, shared memory, the global loads of the main
+loop and their widths. From those it models CTAs per SM, waves, and the bytes one CTA keeps in flight.
+
+Bytes in flight: the loop body is walked as a cycle; a *load group* is a run of global loads issued
+before any instruction reads a register one of them writes. Loads in one group overlap in DRAM, groups
+follow each other by a full DRAM latency, so a tile costs `serial_load_groups` latencies and one CTA
+keeps on average its tile's bytes divided by that count in flight. By Little's law an H100 needs about
+HBM_BYTES_PER_S * DRAM_LATENCY_S / SMS (about 15.5 KB) in flight per SM to stream at full bandwidth;
+the modelled TB/s streams each wave at min(peak, its bytes in flight / latency).
+The CUDA kernel (csrc/) is modelled from its sm_90 register table only (kvkernels/cuda_ext.py).
+
+Needs a triton with the NVIDIA backend and TRITON_INTERPRET unset: run it in its own process
+(`python -m kvkernels.static_model`, `python -m bench.kernels --static`, tests/compile_sm90.py).
+"""
+import dataclasses
+import functools
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+from . import cuda_ext, split, triton_decode
+from ._validate import check_decode_inputs
+
+SMS = 132  # H100 SXM
+HBM_BYTES_PER_S = 3.0e12
+DRAM_LATENCY_S = 700e-9
+TARGET_BYTES_IN_FLIGHT_PER_SM = HBM_BYTES_PER_S * DRAM_LATENCY_S / SMS
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodePoint:
+    name: str
+    dtype: str
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+    batch: int
+    context: int
+
+
+GPT2 = dict(dtype="float16", num_heads=12, num_kv_heads=12, head_dim=64, block_size=16)
+GQA = dict(dtype="float16", num_heads=32, num_kv_heads=8, head_dim=128, block_size=16)
+POINTS = [
+    DecodePoint("gpt2 B=1 x 1k", batch=1, context=1024, **GPT2),
+    DecodePoint("gpt2 B=1 x 16k", batch=1, context=16384, **GPT2),
+    DecodePoint("gpt2 B=16 x 4k", batch=16, context=4096, **GPT2),
+    DecodePoint("gpt2 B=64 x 16k", batch=64, context=16384, **GPT2),
+    DecodePoint("gqa32/8 d128 B=1 x 16k", batch=1, context=16384, **GQA),
+    DecodePoint("gqa32/8 d128 B=16 x 4k", batch=16, context=4096, **GQA),
+]
+
+
+def _cuobjdump():
+    import triton
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+@functools.lru_cache(maxsize=None)
+def _backend():
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    target = GPUTarget("cuda", 90, 32)
+    return target, make_backend(target)
+
+
+def compile_launch(fn, args, kwargs):
+    """The sm_90 CompiledKernel a launch `fn[grid](*args, **kwargs)` would build, via triton's own binder."""
+    import triton
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import create_function_from_signature
+    target, backend = _backend()
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound_args, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound_args, specialization, options)
+    return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+
+
+_RESOURCES = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
+_INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)\s*([^;]*);")
+_GLOBAL_LOAD = re.compile(r"^(LDG|LDGSTS)\b")
+
+
+def _cuobjdump_run(cubin: bytes, flag: str) -> str:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([_cuobjdump(), flag, f.name], capture_output=True, text=True, check=True).stdout
+
+
+def _load_bytes_per_thread(opcode: str) -> int:
+    width = re.search(r"\.(128|64|U16|S16|U8|S8)\b", opcode)
+    return {"128": 16, "64": 8, "U16": 2, "S16": 2, "U8": 1, "S8": 1}[width.group(1)] if width else 4
+
+
+def _registers(text: str) -> set:
+    regs = set()
+    for base, pair in re.findall(r"\bR(\d+)(\.64)?", text):
+        regs.update(range(int(base), int(base) + (2 if pair else 1)))
+    return regs
+
+
+def _dests_and_sources(opcode: str, operands: str):
+    """Registers an instruction writes and reads (its first operand is the destination unless it stores)."""
+    first, _, rest = operands.partition(",")
+    if opcode.startswith(("ST", "RED", "ATOM", "BAR", "BRA", "EXIT", "LDGSTS", "DEPBAR")) or \
+            not re.fullmatch(r"R\d+", first.strip()):
+        return set(), _registers(operands)
+    base = int(first.strip()[1:])
+    count = max(1, _load_bytes_per_thread(opcode) // 4) if opcode.startswith("LD") else 1
+    return set(range(base, base + count)), _registers(rest)
+
+
+def _main_loop(instructions):
+    """The backward branch's body holding the most global-load bytes: the kernel's per-tile loop."""
+    address = {a: i for i, (a, _, _) in enumerate(instructions)}
+    best = None
+    for i, (addr, opcode, operands) in enumerate(instructions):
+        target = re.match(r"\s*(0x[0-9a-f]+)", operands) if opcode == "BRA" else None
+        if not target or int(target.group(1), 16) >= addr or int(target.group(1), 16) not in address:
+            continue
+        body = instructions[address[int(target.group(1), 16)]:i + 1]
+        load_bytes = sum(_load_bytes_per_thread(o) for _, o, _ in body if _GLOBAL_LOAD.match(o))
+        if best is None or load_bytes > best[0]:
+            best = (load_bytes, body)
+    return best[1] if best else []
+
+
+def _load_groups(body):
+    """Global-load groups of the loop body walked as a cycle: [(bytes per thread, loads)], in issue order."""
+    groups, n, i = [], len(body), 0
+    while i < n:
+        if not _GLOBAL_LOAD.match(body[i][1]):
+            i += 1
+            continue
+        pending, group_bytes, loads, j = set(), 0, 0, i
+        while j < i + n:  # a group can run on into the next tile's loads (prefetch)
+            _, opcode, operands = body[j % n]
+            dests, sources = _dests_and_sources(opcode, operands)
+            if sources & pending or opcode.startswith("DEPBAR"):
+                break  # the first consumer of a load in flight: the group's latency is paid here
+            if _GLOBAL_LOAD.match(opcode):
+                group_bytes += _load_bytes_per_thread(opcode)
+                loads += 1
+                pending |= dests
+            else:
+                pending -= dests
+            j += 1
+        groups.append((group_bytes, loads))
+        i = j if j < n else n
+    return groups
+
+
+def analyse(kernel) -> dict:
+    """Resource usage and the main loop's loads of a CompiledKernel for sm_90."""
+    usage = _RESOURCES.search(_cuobjdump_run(kernel.asm["cubin"], "--dump-resource-usage"))
+    regs, stack, static_shared, local = (int(g) for g in usage.groups())
+    sass = _cuobjdump_run(kernel.asm["cubin"], "-sass")
+    instructions = [(int(a, 16), op, ops) for a, _, op, ops in _INSTR.findall(sass)]
+    body = _main_loop(instructions)
+    loads = [op for _, op, _ in body if _GLOBAL_LOAD.match(op)]
+    groups = _load_groups(body)
+    warps = kernel.metadata.num_warps
+    shared = max(static_shared, kernel.metadata.shared)
+    widths = {}
+    for op in loads:
+        bits = _load_bytes_per_thread(op) * 8
+        widths[bits] = widths.get(bits, 0) + 1
+    return dict(
+        regs=regs, spill_bytes=stack + local, shared=shared, warps=warps,
+        ctas_per_sm=split.ctas_per_sm(regs, shared, warps),
+        loop_instructions=len(body), loads_per_tile=len(loads), load_widths=widths,
+        serial_load_groups=len(groups),
+        bytes_per_tile=sum(_load_bytes_per_thread(op) for op in loads) * 32 * warps,
+        # a tile's bytes over the DRAM latencies it waits in series: the mean bytes in flight (Little's law)
+        bytes_in_flight_per_cta=sum(_load_bytes_per_thread(op) for op in loads) * 32 * warps // max(1, len(groups)),
+        barriers_per_tile=sum(op.startswith("BAR") for _, op, _ in body),
+        shuffles_per_tile=sum(op.startswith("SHFL") for _, op, _ in body),
+    )
+
+
+def _point_tensors(point: DecodePoint):
+    dtype = getattr(torch, point.dtype)
+    blocks = point.context // point.block_size
+    q = torch.empty(point.batch, point.num_heads, point.head_dim, dtype=dtype)
+    cache = torch.empty(2, point.block_size, point.num_kv_heads, point.head_dim, dtype=dtype)
+    tables = torch.zeros(point.batch, blocks, dtype=torch.int32)
+    lens = torch.full((point.batch,), point.context, dtype=torch.int32)
+    return q, cache, cache, tables, lens
+
+
+def point_launches(point: DecodePoint, num_splits: int):
+    """[(kernel, args, kwargs, grid)] of a decode at `point` with `num_splits` (small stand-in tensors with
+    the real strides: only strides, alignment and ints decide the specialisation)."""
+    q, k_cache, v_cache, tables, lens = _point_tensors(point)
+    shape = check_decode_inputs(q, k_cache, v_cache, tables, lens)
+    config = triton_decode.decode_config(shape, q.dtype)
+    return triton_decode.decode_launches(q, k_cache, v_cache, tables, lens, shape, 1.0, torch.empty_like(q), config,
+                                         num_splits)
+
+
+def point_splits(point: DecodePoint, sms: int = SMS) -> int:
+    """The split count a launch on `sms` SMs picks: from the compiled split kernel's occupancy, as on the GPU."""
+    fn, args, kwargs, _ = point_launches(point, num_splits=2)[0]
+    occupancy = analyse(compile_launch(fn, args, kwargs))["ctas_per_sm"]
+    tile = kwargs["TILE_N"]
+    return split.choose_num_splits(point.batch, point.num_kv_heads, point.context, sms, occupancy, tile)
+
+
+def model_point(point: DecodePoint, sms: int = SMS) -> list:
+    """The launches a decode at `point` makes on an H100, each compiled and analysed."""
+    num_splits = point_splits(point, sms)
+    rows = []
+    for fn, args, kwargs, grid in point_launches(point, num_splits):
+        row = analyse(compile_launch(fn, args, kwargs))
+        row.update(point=point.name, kernel=fn.__name__.strip("_"), splits=num_splits,
+                   programs=grid[0] * grid[1] * grid[2])
+        _throughput(row, sms)
+        rows.append(row)
+    return rows
+
+
+def cuda_round_tokens(point: DecodePoint) -> int:
+    """Tokens one CTA of csrc's decode kernel loads per round (csrc/paged_decode.cuh DecodeConfig)."""
+    vecs = point.head_dim * getattr(torch, point.dtype).itemsize // 16
+    lanes = min(1 << (vecs - 1).bit_length(), 32)
+    _, group_tile = cuda_ext.head_chunking(point.num_heads // point.num_kv_heads)
+    return 128 // lanes * (2 if group_tile >= 4 else 4)
+
+
+def model_cuda_point(point: DecodePoint, sms: int = SMS) -> dict:
+    """The CUDA kernel at `point` from its sm_90 register table: a round's K and V rows issued together,
+    the next round's table entry looked up ahead (one DRAM latency per round)."""
+    itemsize = getattr(torch, point.dtype).itemsize
+    group = point.num_heads // point.num_kv_heads
+    chunks, _ = cuda_ext.head_chunking(group)
+    ctas = cuda_ext.decode_ctas_per_sm(itemsize, group)
+    splits = split.choose_num_splits(point.batch, point.num_kv_heads * chunks, point.context, sms, ctas,
+                                     cuda_round_tokens(point))
+    programs = point.batch * point.num_kv_heads * chunks * splits
+    per_cta = cuda_round_tokens(point) * point.head_dim * itemsize * 2
+    return _throughput(dict(point=point.name, kernel="cuda paged_decode_kernel", splits=splits, programs=programs,
+                            ctas_per_sm=ctas, bytes_in_flight_per_cta=per_cta), sms)
+
+
+def _throughput(row: dict, sms: int) -> dict:
+    """Adds waves, bytes in flight per SM and the modelled TB/s: each wave streams at
+    min(peak, its resident CTAs' bytes in flight / latency) (Little's law), so a tail wave costs only
+    where it holds too few CTAs to keep HBM busy."""
+    slots = row["ctas_per_sm"] * sms
+    full_waves, tail = divmod(row["programs"], slots)
+    wave_sizes = [slots] * full_waves + ([tail] if tail else [])
+    tb_s = 0.0
+    if row["bytes_in_flight_per_cta"]:
+        # every CTA streams the same bytes: a wave of n CTAs takes n / rate(n) in those units
+        rates = [min(HBM_BYTES_PER_S, n * row["bytes_in_flight_per_cta"] / DRAM_LATENCY_S) for n in wave_sizes]
+        tb_s = row["programs"] / sum(n / r for n, r in zip(wave_sizes, rates)) / 1e12
+    row.update(waves=round(row["programs"] / slots, 2),
+               bytes_in_flight_per_sm=int(row["bytes_in_flight_per_cta"] * min(row["programs"], slots) / sms),
+               modelled_tb_s=round(tb_s, 2))
+    return row
+
+
+def table(points=POINTS) -> list:
+    return [row for point in points for row in model_point(point) + [model_cuda_point(point)]]
+
+
+COLUMNS = ["point", "kernel", "splits", "programs", "warps", "regs", "spill_bytes", "shared", "ctas_per_sm", "waves",
+           "loads_per_tile", "load_widths", "bytes_per_tile", "serial_load_groups", "bytes_in_flight_per_cta", "bytes_in_flight_per_sm",
+           "modelled_tb_s", "loop_instructions", "barriers_per_tile", "shuffles_per_tile"]
+
+
+def markdown(rows) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
+    for row in rows:
+        cells = [", ".join(f"{n}x{w}b" for w, n in sorted(row.get(c, {}).items())) if c == "load_widths"
+                 else str(row.get(c, "")) for c in COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def header() -> str:
+    from importlib.metadata import version
+    return (f"static model: sm_90, triton {version('triton')}, {SMS} SMs, {HBM_BYTES_PER_S / 1e12:.1f} TB/s, "
+            f"{DRAM_LATENCY_S * 1e9:.0f} ns DRAM latency: {TARGET_BYTES_IN_FLIGHT_PER_SM / 1024:.1f} KB in flight "
+            "per SM keeps HBM busy")
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    rows = table()
+    if "--json" in argv:
+        print(json.dumps(rows))
+    else:
+        print(header())
+        print(markdown(rows))
+
+
+if __name__ == "__main__":
+    main()
