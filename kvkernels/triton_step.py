@@ -17,6 +17,8 @@ Numerics follow the unfused PyTorch step: float32 accumulation, float32 inputs m
 (never TF32), and rounding to the model dtype wherever the unfused step stores a tensor, so float32 greedy
 tokens match HF's. `kvkernels.step_reference` is the same math in plain PyTorch (the oracle).
 """
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -66,7 +68,8 @@ def _row_stats(x_ptr, rows, row_mask, stride_xm, K, eps, BLOCK_M: tl.constexpr, 
 def _matmul_tile(
     x_ptr, w_ptr, ln_w_ptr, ln_b_ptr, ln_eps, rows, cols, M, N, K,
     stride_xm, stride_wk, stride_wn,
-    LAYER_NORM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    LAYER_NORM: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # acc [BLOCK_M, BLOCK_N] float32 = LayerNorm?(x[rows]) @ w[:, cols]
     row_mask = rows < M
@@ -86,6 +89,8 @@ def _matmul_tile(
             a = a.to(w_ptr.dtype.element_ty)       # the unfused step stores LayerNorm's output in the model dtype
         w = tl.load(w_ptr + ks[:, None] * stride_wk + cols[None, :] * stride_wn,
                     mask=k_mask[:, None] & col_mask[None, :], other=0.0)            # [BLOCK_K, BLOCK_N]
+        if DOT_FP32:        # the same products (exact in float32), for an interpreter that cannot dot bfloat16
+            a, w = a.to(tl.float32), w.to(tl.float32)
         acc = tl.dot(a, w, acc, input_precision="ieee")                             # float32 stays float32
     return acc
 
@@ -96,12 +101,12 @@ def _linear_kernel(
     M, N, K, ln_eps,
     stride_xm, stride_wk, stride_wn, stride_om,
     LAYER_NORM: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, RESIDUAL: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = _matmul_tile(x_ptr, w_ptr, ln_w_ptr, ln_b_ptr, ln_eps, rows, cols, M, N, K, stride_xm, stride_wk,
-                       stride_wn, LAYER_NORM, BLOCK_M, BLOCK_K, BLOCK_N)
+                       stride_wn, LAYER_NORM, DOT_FP32, BLOCK_M, BLOCK_K, BLOCK_N)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
     y = acc.to(w_ptr.dtype.element_ty).to(tl.float32)               # the GEMM's output, in the model dtype
@@ -123,13 +128,13 @@ def _qkv_write_kernel(
     M, K, ln_eps,
     stride_xm, stride_wk, stride_wn, stride_qm,
     stride_cb, stride_ct, stride_ch, stride_tb,
-    EMBED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    EMBED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)                       # into [q | k | v]
     acc = _matmul_tile(x_ptr, w_ptr, ln_w_ptr, ln_b_ptr, ln_eps, rows, cols, M, 3 * EMBED, K, stride_xm, stride_wk,
-                       stride_wn, True, BLOCK_M, BLOCK_K, BLOCK_N)
+                       stride_wn, True, DOT_FP32, BLOCK_M, BLOCK_K, BLOCK_N)
     acc += tl.load(bias_ptr + cols, mask=cols < 3 * EMBED, other=0.0).to(tl.float32)[None, :]
     y = acc.to(q_ptr.dtype.element_ty)
     row_mask = rows < M
@@ -191,6 +196,11 @@ def _update_state_kernel(
     tl.store(step_ptr + row, step + 1)
 
 
+def _dot_fp32(dtype) -> bool:
+    """Triton's interpreter multiplies bfloat16 tiles as raw 16-bit integers; on a GPU they stay bfloat16."""
+    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def _gemm_blocks(M, N, K, dtype):
     """(BLOCK_M, BLOCK_K, BLOCK_N): 16 rows is tl.dot's minimum; narrow column tiles give a launch enough programs
     to stream the weight from many SMs at batch 1 (c_proj has only 768 columns)."""
@@ -229,7 +239,7 @@ def linear(x, weight, bias, out, *, layer_norm=None, gelu=False, residual=False)
         x, weight, bias if bias is not None else weight, ln_weight, ln_bias, out, M, N, K, float(eps),
         x.stride(0), weight.stride(0), weight.stride(1), out.stride(0),
         LAYER_NORM=layer_norm is not None, HAS_BIAS=bias is not None, GELU=gelu, RESIDUAL=residual,
-        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n)
+        DOT_FP32=_dot_fp32(weight.dtype), BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n)
 
 
 def qkv_write(x, layer_norm, weight, bias, q, k_cache, v_cache, block_tables, lengths):
@@ -252,7 +262,8 @@ def qkv_write(x, layer_norm, weight, bias, q, k_cache, v_cache, block_tables, le
         x, weight, bias, ln_weight, ln_bias, q, k_cache, v_cache, block_tables, lengths, batch, embed_dim, float(eps),
         x.stride(0), weight.stride(0), weight.stride(1), q.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-        EMBED=embed_dim, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n)
+        EMBED=embed_dim, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, DOT_FP32=_dot_fp32(weight.dtype),
+        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n)
 
 
 def update_state(state, logits=None, chosen=None, *, penalty=1.0, grow=False):
