@@ -23,8 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2_E = 1.4426950408889634
-SQRT_2_OVER_PI = 0.7978845608028654
+LOG2_E = tl.constexpr(1.4426950408889634)
+SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
 
 
 @triton.jit
@@ -164,7 +164,7 @@ def _update_state_kernel(
         # smallest index among the lanes holding the maximum.
         lanes = tl.arange(0, BLOCK_V)
         best = tl.full([BLOCK_V], float("-inf"), tl.float32)
-        best_index = lanes.to(tl.int64)
+        best_index = lanes
         for start in range(0, V, BLOCK_V):
             index = start + lanes
             mask = index < V
@@ -174,9 +174,9 @@ def _update_state_kernel(
                 score = tl.where(seen, tl.where(score < 0, score * penalty, score / penalty), score)
             take = score > best
             best = tl.where(take, score, best)
-            best_index = tl.where(take, index.to(tl.int64), best_index)
+            best_index = tl.where(take, index, best_index)
         top = tl.max(best, axis=0)
-        token = tl.min(tl.where(best == top, best_index, V), axis=0)
+        token = tl.min(tl.where(best == top, best_index, V), axis=0).to(tl.int64)
     else:
         token = tl.load(chosen_ptr + row)
     finished = tl.load(finished_ptr + row) != 0
@@ -194,6 +194,10 @@ def _update_state_kernel(
         tl.store(seen_ptr + row * stride_sb + token, tl.full([], 1, seen_ptr.dtype.element_ty))
     tl.store(tokens_ptr + row, token)
     tl.store(step_ptr + row, step + 1)
+
+
+# One program per row streams the row's logits (50257 floats for GPT-2): many warps keep many loads in flight.
+SELECT_BLOCK_V, SELECT_WARPS = 4096, 16
 
 
 def _dot_fp32(dtype) -> bool:
@@ -283,5 +287,6 @@ def update_state(state, logits=None, chosen=None, *, penalty=1.0, grow=False):
         logits if greedy else chosen, chosen if not greedy else state.tokens, seen, state.tokens, state.lengths,
         state.finished, state.done_at, state.step, state.out, state.eos, state.eos.numel(), state.pad, float(penalty),
         vocab, logits.stride(0) if greedy else 0, seen.stride(0), state.out.stride(0),
-        GREEDY=greedy, PENALTY=state.seen is not None, GROW=grow, BLOCK_V=min(4096, triton.next_power_of_2(vocab)),
-        EOS_PAD=triton.next_power_of_2(max(state.eos.numel(), 1)))
+        GREEDY=greedy, PENALTY=state.seen is not None, GROW=grow,
+        BLOCK_V=min(SELECT_BLOCK_V, triton.next_power_of_2(vocab)),
+        EOS_PAD=triton.next_power_of_2(max(state.eos.numel(), 1)), num_warps=SELECT_WARPS)

@@ -328,6 +328,9 @@ def compiled(tmp_path_factory):
     if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")):
         pytest.skip("this triton build ships no NVIDIA toolchain")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(kvkernels.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in [env.get("PYTHONPATH")] if p])   # this checkout's kernels
     script = os.path.join(os.path.dirname(__file__), "compile_step_sm90.py")
     run = subprocess.run([sys.executable, script, str(tmp_path_factory.mktemp("cubin"))], env=env,
                          capture_output=True, text=True, timeout=900)
