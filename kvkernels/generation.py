@@ -26,7 +26,7 @@ from transformers.activations import NewGELUActivation
 
 from .cache import PagedKVCache
 from .gpt2_common import attention_scale, blocks_for, check_positive_int, gpt2_parts
-from .ops import BACKENDS, paged_decode_attention, resolve_backend, write_kv_cache
+from .ops import BACKENDS, paged_decode_attention, resolve_backend, triton_available, write_kv_cache
 from .sampling import SamplingParams, process_logits, select_tokens
 
 # activation_function values that are the tanh GELU the fused c_fc kernel applies
@@ -81,7 +81,7 @@ class _Runner:
         self.tables = pool.block_tables[:batch]                                     # int32 [B, M], static
         self.scales = [attention_scale(block.attn) for block in base.h]
         self.num_heads, self.head_dim = base.h[0].attn.num_heads, base.h[0].attn.head_dim
-        self.ops = _step_ops(pool.backend)
+        self.ops = _step_ops(pool.backend, base.wte.weight.device)
         self.fused_gelu = base.config.activation_function in _TANH_GELU
         # The step's activations: static buffers, so a captured graph finds them at the same addresses.
         weight = base.wte.weight
@@ -158,6 +158,7 @@ class _Runner:
             hidden = self.hidden if self.fused_gelu else mlp.act(self.hidden)
             ops.linear(hidden, mlp.c_proj.weight, mlp.c_proj.bias, x, residual=True)
         ops.linear(x, self.lm_head.weight.t(), self.lm_head.bias, self.logits, layer_norm=_norm(base.ln_f))
+        # Finished sequences stop growing (grow skips them): their next, ignored token overwrites the same slot.
         self.select(self.logits, state, grow=True)
 
 
@@ -165,9 +166,10 @@ def _norm(layer_norm):
     return layer_norm.weight, layer_norm.bias, layer_norm.eps
 
 
-def _step_ops(backend: str):
-    """The decode step's fused operations: Triton kernels, or their PyTorch reference for backend="torch"."""
-    if backend == "torch":
+def _step_ops(backend: str, device: torch.device):
+    """The decode step's fused operations: Triton kernels, or their PyTorch reference for backend="torch" (and
+    for the CUDA backend where Triton is not installed)."""
+    if backend == "torch" or not triton_available(device):
         from . import step_reference
         return step_reference
     from . import triton_step
