@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import kvkernels
 from conftest import DEVICE
-from helpers import TOLERANCE, make_gpt2, padded_batch
+from helpers import make_gpt2, padded_batch
 from kvkernels import generation, step_reference, triton_step
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
