@@ -209,7 +209,9 @@ class KernelCounter(TorchDispatchMode):
         super().__init__()
         self.ops, self.launches, self.syncs, self._inside, self._active = {}, {}, [], False, False
         from triton.runtime.interpreter import InterpretedFunction
-        launch = InterpretedFunction.run
+        from triton.runtime.jit import JITFunction
+        kernel_class = InterpretedFunction if os.environ.get("TRITON_INTERPRET") == "1" else JITFunction
+        launch = kernel_class.run
 
         def counted_launch(fn, *args, **kwargs):
             if self._active:
@@ -221,7 +223,7 @@ class KernelCounter(TorchDispatchMode):
                 return launch(fn, *args, **kwargs)
             finally:
                 self._inside = False
-        monkeypatch.setattr(InterpretedFunction, "run", counted_launch)
+        monkeypatch.setattr(kernel_class, "run", counted_launch)
 
     def __enter__(self):
         self._active = True
