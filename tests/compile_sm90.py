@@ -29,6 +29,9 @@ DECODE_CASES = {
     "gpt2-split22": (DecodePoint("gpt2", batch=16, context=4096, **GPT2), 22),
     "gqa-32x8-d128-split8": (DecodePoint("gqa", batch=16, context=4096, **GQA), 8),
 }
+# the same design points with the merge folded into the decode kernel (split counters, as generate runs it)
+FOLDED_CASES = {name + "-folded": case for name, case in DECODE_CASES.items() if name in ("gpt2-split22",
+                                                                                          "gqa-32x8-d128-split8")}
 
 
 def write_case(num_kv_heads=12, head_dim=64, block_size=16):
@@ -43,6 +46,9 @@ def analyse_all():
         launches = static_model.point_launches(decode_point, splits)
         for suffix, (fn, args, kwargs, _) in zip(["", "-merge"], launches):
             results[name + suffix] = static_model.analyse(static_model.compile_launch(fn, args, kwargs))
+    for name, (decode_point, splits) in FOLDED_CASES.items():
+        (fn, args, kwargs, _), = static_model.point_launches(decode_point, splits, fold_merge=True)
+        results[name] = static_model.analyse(static_model.compile_launch(fn, args, kwargs))
     fn, args, kwargs, _ = write_case()
     results["write-h12-d64"] = static_model.analyse(static_model.compile_launch(fn, args, kwargs))
     return results

@@ -19,10 +19,13 @@ from kvkernels import static_model, triton_decode  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CASES = ["decode-fp16-d64", "decode-bf16-d80-split8", "decode-bf16-d80-split8-merge", "decode-fp16-d128-gqa4",
          "decode-fp32-d256-split4", "decode-fp32-d256-split4-merge", "decode-fp16-d96-gqa3-split2",
-         "decode-fp16-d96-gqa3-split2-merge", "decode-fp32-d128-gqa4", "decode-bf16-d128-gqa4", "gpt2-split22", "gpt2-split22-merge", "gqa-32x8-d128-split8",
-         "gqa-32x8-d128-split8-merge", "write-h12-d64"]
+         "decode-fp16-d96-gqa3-split2-merge", "decode-fp32-d128-gqa4", "decode-bf16-d128-gqa4",
+         "gpt2-split22", "gpt2-split22-merge", "gpt2-split22-folded",
+         "gqa-32x8-d128-split8", "gqa-32x8-d128-split8-merge", "gqa-32x8-d128-split8-folded", "write-h12-d64"]
 # design point -> (grouped heads, K and V bytes of one tile: TILE_N * D fp16 elements each)
 DESIGN_POINTS = {"gpt2-split22": (False, 2 * 64 * 64 * 2), "gqa-32x8-d128-split8": (True, 2 * 32 * 128 * 2)}
+DESIGN_POINTS.update({name + "-folded": bounds for name, bounds in DESIGN_POINTS.items()})
+FOLDED = sorted(name for name in DESIGN_POINTS if name.endswith("-folded"))
 
 
 @pytest.fixture(scope="module")
@@ -64,3 +67,11 @@ def test_occupancy_and_bytes_in_flight(analysis, case):
     in_flight = row["bytes_in_flight_per_cta"] * row["ctas_per_sm"]
     assert in_flight >= 4 * static_model.TARGET_BYTES_IN_FLIGHT_PER_SM, \
         f"{case}: {in_flight} bytes in flight per SM, Little's law needs {static_model.TARGET_BYTES_IN_FLIGHT_PER_SM:.0f}"
+
+
+@pytest.mark.parametrize("case", FOLDED)
+def test_folded_merge_orders_its_counter(analysis, case):
+    """The last program merges partials other CTAs wrote: barrier, GPU fence, atomic add, L1 invalidation.
+    Without the fold the kernel has no atomic at all."""
+    assert analysis[case]["split_counter_ordered"] is True, analysis[case]
+    assert analysis[case.replace("-folded", "")]["split_counter_ordered"] is None
