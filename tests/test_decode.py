@@ -1,4 +1,9 @@
 """Every kernel backend against the reference: dtypes, head dims, block sizes, splits, GQA, ragged lengths."""
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
 import types
 
 import pytest
@@ -237,3 +242,42 @@ def test_ctas_per_sm_from_registers_shared_memory_and_warps():
     assert ctas(72, 544, 4) == 7     # csrc's one-head kernel
     assert ctas(32, 100 * 1024, 4) == 2  # shared memory binds
     assert ctas(16, 0, 1) == 32      # the CTA limit binds
+
+
+SANITIZED_TRITON_RUN = textwrap.dedent("""
+    import torch, kvkernels
+    from kvkernels import triton_decode
+    from kvkernels._validate import check_decode_inputs
+    torch.manual_seed(0)
+    k_cache = torch.randn(12, 16, 2, 64, device="cuda", dtype=torch.float16)
+    v_cache = torch.randn_like(k_cache)
+    tables = torch.tensor([[3, 1, 7, 0, 6, 10], [11, 2, 5, 4, 9, 8]], device="cuda", dtype=torch.int32)
+    lens = torch.tensor([50, 96], device="cuda", dtype=torch.int32)
+    for heads in (2, 8):  # one head and grouped heads per KV head
+        q = torch.randn(2, heads, 64, device="cuda", dtype=torch.float16)
+        shape = check_decode_inputs(q, k_cache, v_cache, tables, lens)
+        for splits, counters in ((1, None), (4, None), (4, torch.zeros(2, 2, dtype=torch.int32, device="cuda"))):
+            out = torch.empty_like(q)
+            triton_decode.paged_decode_attention(q, k_cache, v_cache, tables, lens, shape, 0.125, out,
+                                                 num_splits=splits, min_split_tokens=16, split_counters=counters)
+    k_new = torch.randn(2, 2, 64, device="cuda", dtype=torch.float16)
+    kvkernels.write_kv_cache(k_new, k_new + 1, k_cache, v_cache, torch.tensor([191, -1], device="cuda"),
+                             backend="triton")
+    torch.cuda.synchronize()
+    print("sanitized run done")
+""")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(shutil.which("compute-sanitizer") is None, reason="compute-sanitizer is not on PATH")
+def test_triton_kernels_pass_compute_sanitizer_memcheck(tmp_path):
+    """Decode (unsplit, split with a merge launch, split with the merge folded in, one head and grouped) and
+    write, under memcheck; torch's caching allocator off so an overrun is not hidden inside a cached block."""
+    script = tmp_path / "triton_run.py"
+    script.write_text(SANITIZED_TRITON_RUN)
+    env = dict(os.environ, PYTORCH_NO_CUDA_MEMORY_CACHING="1")
+    result = subprocess.run(["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "1",
+                             sys.executable, str(script)], capture_output=True, text=True, timeout=600, env=env)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0 and "sanitized run done" in output, output[-6000:]
+    assert "ERROR SUMMARY: 0 errors" in output, output[-6000:]
