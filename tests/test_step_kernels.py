@@ -1,10 +1,7 @@
 """The fused decode-step kernels (kvkernels.triton_step) against their PyTorch reference (kvkernels.step_reference),
 and the launch budget of a whole decode step of kvkernels.generate."""
 import copy
-import json
 import os
-import subprocess
-import sys
 from dataclasses import dataclass
 
 import pytest
@@ -13,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import kvkernels
 from conftest import DEVICE
-from helpers import make_gpt2, padded_batch
+from helpers import make_gpt2, padded_batch, run_sm90_compile
 from kvkernels import generation, step_reference, triton_step
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -328,18 +325,7 @@ def test_decode_step_of_gpt2_124m_fits_the_kernel_budget(monkeypatch, gpt2_small
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
-    import triton
-    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")):
-        pytest.skip("this triton build ships no NVIDIA toolchain")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(kvkernels.__file__)))
-    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in [env.get("PYTHONPATH")] if p])   # this checkout's kernels
-    script = os.path.join(os.path.dirname(__file__), "compile_step_sm90.py")
-    run = subprocess.run([sys.executable, script, str(tmp_path_factory.mktemp("cubin"))], env=env,
-                         capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, run.stderr[-4000:]
-    return json.loads(run.stdout.strip().splitlines()[-1])
+    return run_sm90_compile("compile_step_sm90.py", str(tmp_path_factory.mktemp("cubin")))
 
 
 def test_step_kernels_compile_for_sm90_without_spills(compiled):

@@ -5,18 +5,13 @@ Catches what the CPU interpreter cannot (codegen type and layout errors) and wha
 the H100 without a GPU to time it: spills, narrow loads, lost occupancy, loads waiting on each other.
 The compile runs in a child process without TRITON_INTERPRET.
 """
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 
-triton = pytest.importorskip("triton")
+pytest.importorskip("triton")
 
+from helpers import run_sm90_compile  # noqa: E402
 from kvkernels import static_model, triton_decode  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CASES = ["decode-fp16-d64", "decode-bf16-d80-split8", "decode-bf16-d80-split8-merge", "decode-fp16-d128-gqa4",
          "decode-fp32-d256-split4", "decode-fp32-d256-split4-merge", "decode-fp16-d96-gqa3-split2",
          "decode-fp16-d96-gqa3-split2-merge", "decode-fp32-d128-gqa4", "decode-bf16-d128-gqa4",
@@ -29,16 +24,8 @@ FOLDED = sorted(name for name in DESIGN_POINTS if name.endswith("-folded"))
 
 
 @pytest.fixture(scope="module")
-def analysis(tmp_path_factory):
-    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")):
-        pytest.skip("this triton build ships no NVIDIA toolchain")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])  # this checkout, not an installed copy
-    script = os.path.join(ROOT, "tests", "compile_sm90.py")
-    run = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-4000:]
-    return json.loads(run.stdout.strip().splitlines()[-1])
+def analysis():
+    return run_sm90_compile("compile_sm90.py", timeout=600)
 
 
 def test_every_case_compiled(analysis):
