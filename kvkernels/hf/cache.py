@@ -135,11 +135,14 @@ class PagedCache(Cache):
     """
 
     def __init__(self, config, *, num_seqs=None, planned_tokens=None, max_tokens=None, block_size=16,
-                 backend="auto", cache_dtype=None):
+                 backend="auto", cache_dtype=None, position_limit=None):
         shape = attention_shape(config)
         super().__init__(layers=[_PagedLayer(self, i) for i in range(shape.num_layers)])
         self.num_layers, self.num_heads, self.num_kv_heads = shape.num_layers, shape.num_heads, shape.num_kv_heads
-        self.head_dim, self.max_positions = shape.head_dim, shape.max_positions
+        self.head_dim = shape.head_dim
+        # A learned position table (GPT-2's wpe) caps a sequence; rotary models have no cap, so the block table then
+        # spans the whole pool and widens as it grows.
+        self.position_limit = position_limit
         self.eager_padding_rows = getattr(config, "_attn_implementation", None) == "eager"
         self.num_seqs, self.planned_tokens, self.max_tokens = num_seqs, planned_tokens, max_tokens
         self.block_size, self.backend, self.cache_dtype = block_size, backend, cache_dtype
@@ -240,7 +243,8 @@ class PagedCache(Cache):
     def _new_pool(self, num_seqs, num_blocks, dtype, device):
         return PagedKVCache(self.num_layers, self.num_kv_heads, self.head_dim, max_batch_size=num_seqs,
                             num_blocks=num_blocks, block_size=self.block_size,
-                            max_blocks_per_seq=blocks_for(self.max_positions, self.block_size),
+                            max_blocks_per_seq=blocks_for(self.position_limit or num_blocks * self.block_size,
+                                                          self.block_size),
                             dtype=dtype, device=device, backend=self.backend)
 
     def _allocate(self, num_seqs, num_tokens_first_step, dtype, device):
@@ -286,7 +290,12 @@ class PagedCache(Cache):
             self.columns = self.columns[source_seqs]
 
     def _reserve(self, counts):
+        lens = [self.pool.seq_len(s) for s in range(self.num_seqs)]
+        needed = [blocks_for(n + c, self.block_size) for n, c in zip(lens, counts)]
         try:
+            if max(needed) > self.pool.max_blocks_per_seq and self.position_limit is None:
+                # The table spans the pool: a sequence outgrowing it outgrows the pool.
+                raise CacheFullError(max(needed), self.pool.allocator.num_free, self.pool.num_blocks)
             return self.pool.reserve(range(self.num_seqs), counts)
         except CacheFullError as err:
             if self.max_tokens is not None:
@@ -294,9 +303,7 @@ class PagedCache(Cache):
                             f"{self.pool.num_blocks * self.block_size} tokens; raise max_tokens, or leave it None to "
                             "size the pool from the batch and max_new_tokens)",)
                 raise
-        lens = [self.pool.seq_len(s) for s in range(self.num_seqs)]
-        total = sum(blocks_for(n + c, self.block_size) for n, c in zip(lens, counts))
-        self._rebuild(list(range(self.num_seqs)), lens, num_blocks=max(2 * self.pool.num_blocks, total))
+        self._rebuild(list(range(self.num_seqs)), lens, num_blocks=max(2 * self.pool.num_blocks, sum(needed)))
         return self.pool.reserve(range(self.num_seqs), counts)
 
     # -- one forward call ---------------------------------------------------------------------

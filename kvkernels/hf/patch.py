@@ -68,10 +68,20 @@ class _PatchState:
             warnings.warn(f"kvkernels: this call runs HF's own attention and cache, not the paged cache: {reason}",
                           stacklevel=4)
 
-    def new_cache(self, config, **sizes):
+    def new_cache(self, base, **sizes):
         o = self.options
-        return PagedCache(config, max_tokens=o.max_tokens, block_size=o.block_size, backend=o.backend,
-                          cache_dtype=o.cache_dtype, **sizes)
+        return PagedCache(base.config, max_tokens=o.max_tokens, block_size=o.block_size, backend=o.backend,
+                          cache_dtype=o.cache_dtype, position_limit=position_limit(base), **sizes)
+
+
+def position_limit(base):
+    """The positions a learned position table gives (GPT-2's wpe: n_positions), or None (rotary, ALiBi, ...: HF runs
+    past max_position_embeddings, and so does the paged cache). A table is any embedding besides the token embedding
+    with at least max_position_embeddings rows."""
+    limit = attention_shape(base.config).max_positions
+    tokens = base.get_input_embeddings()
+    tables = (m for m in base.modules() if isinstance(m, torch.nn.Embedding) and m is not tokens)
+    return limit if any(table.num_embeddings >= limit for table in tables) else None
 
 
 def decoder_parts(model):
@@ -239,7 +249,7 @@ def _model_forward(self, *args, **kwargs):
         if use_cache if use_cache is not None else self.config.use_cache:
             reason = _unsupported_reason(self, arguments)
             if reason is None:
-                cache = state.new_cache(self.config)
+                cache = state.new_cache(self)
             else:
                 state.warn_once(reason)
     elif type(cache) is DynamicCache and cache.get_seq_length() == 0 \
@@ -262,10 +272,10 @@ def _model_forward(self, *args, **kwargs):
         batch = input_ids.numel() // max(num_new, 1)
     else:
         batch, num_new = inputs.shape[:2]
-    shape = attention_shape(self.config)
-    if arguments.get("position_ids") is None and cache.get_seq_length() + num_new > shape.max_positions:
+    limit = cache.position_limit
+    if limit is not None and arguments.get("position_ids") is None and cache.get_seq_length() + num_new > limit:
         raise ValueError(f"this call would reach position {cache.get_seq_length() + num_new - 1}, but the model has "
-                         f"{shape.max_positions_name}={shape.max_positions} (positions 0..{shape.max_positions - 1})")
+                         f"{attention_shape(self.config).max_positions_name}={limit} (positions 0..{limit - 1})")
     cache.begin_step(batch, num_new, arguments.get("attention_mask"), self.dtype, inputs.device)
     try:
         with active_cache(cache, state.configs):
@@ -308,11 +318,11 @@ def _prepare_cache_for_generation(self, generation_config, model_kwargs, generat
     longest = max_length
     if attention_mask is not None:                       # left padding is not stored, nor given a position
         longest = int(attention_mask.sum(-1).max()) + max_length - attention_mask.shape[-1]
-    shape = attention_shape(base.config)
-    if longest > shape.max_positions:
+    limit = position_limit(base)
+    if limit is not None and longest > limit:
         raise ValueError(f"generate would reach {longest} positions (prompt + max_new_tokens) but the model has "
-                         f"{shape.max_positions_name}={shape.max_positions}: shorten the prompt or lower "
+                         f"{attention_shape(base.config).max_positions_name}={limit}: shorten the prompt or lower "
                          "max_new_tokens")
     num_seqs = batch_size * max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1)
     planned = num_seqs * blocks_for(longest, state.options.block_size) * state.options.block_size
-    model_kwargs[cache_name] = state.new_cache(base.config, num_seqs=num_seqs, planned_tokens=planned)
+    model_kwargs[cache_name] = state.new_cache(base, num_seqs=num_seqs, planned_tokens=planned)
