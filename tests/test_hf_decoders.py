@@ -171,3 +171,35 @@ def test_models_it_cannot_serve_say_what_is_missing():
     with kvkernels.patched(gemma, backend="torch"), torch.no_grad():
         with pytest.raises(NotImplementedError, match="soft-capping"):
             gemma(ids)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_sliding_window_decode_reads_only_the_window(backend):
+    """Mistral (every layer windowed): after the prompt, every stored token that the next queries' windows leave out
+    is overwritten with NaN; the decode steps' logits still match HF, so the kernel never read them."""
+    model = make_decoder("mistral")
+    window = helpers.DECODERS["mistral"]["sliding_window"]
+    ids, mask = padded_batch()
+    steps = [torch.tensor([[5], [6], [7]], device=DEVICE), torch.tensor([[8], [9], [10]], device=DEVICE)]
+
+    def run(cache, poison=False):
+        attention_mask, logits = mask, []
+        with torch.no_grad():
+            out = model(ids, attention_mask=attention_mask, past_key_values=cache)
+            if poison:
+                pool = out.past_key_values.pool
+                for seq in range(3):
+                    slots = out.past_key_values._slots_of(pool, [seq], [max(pool.seq_len(seq) - window + 1, 0)])
+                    for pages in pool.k_pools + pool.v_pools:
+                        pages.view(-1, *pages.shape[2:])[slots] = float("nan")
+            for token in steps:
+                attention_mask = torch.cat([attention_mask, torch.ones_like(token)], dim=1)
+                out = model(token, attention_mask=attention_mask, past_key_values=out.past_key_values)
+                logits.append(out.logits)
+        return torch.cat(logits, dim=1)
+
+    expected = run(DynamicCache())
+    with kvkernels.patched(model, backend=backend, block_size=2):
+        got = run(None, poison=True)
+    assert not got.isnan().any()
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)

@@ -10,11 +10,11 @@ pool. The cache remembers which columns each sequence stored (`columns`), so tha
 
 Per forward call (a "step"), the patch calls `begin_step` with the step's 2D mask; the cache reserves the new real
 tokens' slots on the host, then each layer's `attend` writes the new K/V with kvkernels.write_kv_cache and attends:
-    * one real token per sequence, nothing hidden, no window cutting into the past -> kvkernels.paged_decode_attention
-      over the pages (grouped-query heads read their shared KV head);
-    * anything else (prompt, continuation, padding, hidden columns, a sliding window shorter than the past) -> gather
-      the sequences' pages and run SDPA with a per-query mask: HF's causal, padding and sliding-window mask over the
-      unpadded layout.
+    * one real token per sequence, nothing hidden -> kvkernels.paged_decode_attention over the pages (grouped-query
+      heads read their shared KV head); under a sliding window the kernel starts each sequence at its first token
+      inside the window and never reads the pages before it;
+    * anything else (prompt, continuation, padding, hidden columns) -> gather the sequences' pages and run SDPA with
+      a per-query mask: HF's causal, padding and sliding-window mask over the unpadded layout.
 A query that sees no token at all (a left-padding position) gets what the model's attention implementation
 gives there: zeros for sdpa (torch >= 2.5), the mean of the step's values for eager (exact when no earlier
 call had padding: padding K/V are never stored).
@@ -120,6 +120,7 @@ class _Step:
     lens_before: list            # host lengths before the step, to roll back on failure
     masks: dict = field(default_factory=dict)      # window -> (attn_mask [B, 1, T, L], blind [B, T, 1, 1])
     starts: dict = field(default_factory=dict)     # window -> int64 [B, T] first stored token seen, or None
+    decode_starts: dict = field(default_factory=dict)  # window -> the same for a decode step: int32 [B] on the device
     updated: set = field(default_factory=set)      # layers whose `update` passed K/V through in this step
     attended: set = field(default_factory=set)     # layers `attend` served in this step
 
@@ -398,6 +399,15 @@ class PagedCache(Cache):
             step.starts[window] = starts if bool(starts.any()) else None
         return step.starts[window]
 
+    def _decode_starts(self, window):
+        """int32 [B] on the pool's device: each sequence's first stored token inside `window` for a decode step, or
+        None when the window hides nothing."""
+        step = self.step
+        if window not in step.decode_starts:
+            starts = self.window_starts(window)
+            step.decode_starts[window] = None if starts is None else starts[:, 0].to(self.pool.device, torch.int32)
+        return step.decode_starts[window]
+
     def _mask(self, window):
         """(attn_mask bool [B, 1, T, L], blind bool [B, T, 1, 1]) on the pool's device for this step's queries."""
         step = self.step
@@ -437,9 +447,13 @@ class PagedCache(Cache):
                        value.reshape(batch * num_new, self.num_kv_heads, dim).to(pool.dtype),
                        k_pages, v_pages, step.slot_mapping, backend=self.backend, validate=False)
         tables, lens = pool.block_tables[:batch, :step.table_blocks], pool.seq_lens[:batch]
-        if step.decode and self.window_starts(window) is None:
+        if step.decode:
+            starts = self._decode_starts(window)
+            # The CUDA kernel has no window start; Triton runs wherever CUDA does.
+            backend = "triton" if starts is not None and self.backend == "cuda" else self.backend
             out = paged_decode_attention(query.reshape(batch, heads, dim).to(pool.dtype), k_pages, v_pages, tables,
-                                         lens, scale=scale, backend=self.backend, validate=False)  # [B, H, D]
+                                         lens, scale=scale, backend=backend, validate=False,
+                                         seq_starts=starts)                                   # [B, H, D]
             return out.to(query.dtype).view(batch, 1, heads, dim)
         attn_mask, blind = self._mask(window)
         group = heads // self.num_kv_heads
