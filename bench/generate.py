@@ -1,4 +1,5 @@
-"""End-to-end generation (GPT-2 and Llama-family shapes): HF's caches against kvkernels, tokens/s, latency, memory, greedy agreement.
+"""End-to-end generation (GPT-2 and Llama-family shapes): HF's caches against kvkernels, tokens/s, latency,
+memory, greedy agreement.
 
 Modes (each in its own row; one that fails or is unsupported shows its error):
     hf_no_cache          model.generate(use_cache=False): the whole sequence recomputed per token
@@ -51,8 +52,8 @@ class GenerateConfig:
     seed: int = 0
 
 
-QUICK_CONFIG = GenerateConfig(models=("tiny", "llama-tiny"), dtypes=("fp32",), batches=(1, 2), prompt_len=5, new_tokens=6,
-                              repeats=2)
+QUICK_CONFIG = GenerateConfig(models=("tiny", "llama-tiny"), dtypes=("fp32",), batches=(1, 2), prompt_len=5,
+                              new_tokens=6, repeats=2)
 
 
 def measure(factory, model, prompt, new_tokens: int, repeats: int, device) -> dict:

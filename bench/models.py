@@ -1,4 +1,5 @@
-"""GPT-2 and Llama-family models with random weights, and the generation modes that bench.generate and bench.seeds compare.
+"""GPT-2 and Llama-family models with random weights, and the generation modes that bench.generate and bench.seeds
+compare.
 
 A mode is a context manager: entering it prepares the model (patching, a persistent batching manager),
 the value it yields generates `new_tokens` tokens for a prompt batch, and leaving it restores the model.

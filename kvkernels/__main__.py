@@ -1,5 +1,5 @@
-"""python -m kvkernels: GPT-2 (or, with --model-type, a Llama / Qwen2 shape) generation four ways (no cache, HF's dynamic cache, kvkernels.patch + HF generate,
-kvkernels.generate), a check that their greedy tokens agree, and tokens/s with its spread over several runs.
+"""python -m kvkernels: GPT-2 (or, with --model-type, a Llama / Qwen2 shape) generation four ways (no cache,
+HF's dynamic cache, kvkernels.patch + HF generate, kvkernels.generate), a check that their greedy tokens agree, and tokens/s with its spread over several runs.
 
 It says what it runs on: the device, the kernel backend (on a CPU, the Triton kernels through Triton's
 interpreter unless TRITON_INTERPRET is set otherwise), the model's shape and whether its weights are random.

@@ -71,7 +71,8 @@ def check_decode_inputs(q, k_cache, v_cache, block_tables, seq_lens, dtypes=KERN
         _require_same_device({"seq_lens": seq_lens, "seq_starts": seq_starts})
         _require_index_dtype("seq_starts", seq_starts, torch.int32)
         if seq_starts.shape != seq_lens.shape:
-            raise ValueError(f"seq_starts must have seq_lens' shape {tuple(seq_lens.shape)}, got {tuple(seq_starts.shape)}")
+            raise ValueError(f"seq_starts must have seq_lens' shape {tuple(seq_lens.shape)}, "
+                             f"got {tuple(seq_starts.shape)}")
     for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache),
                     ("block_tables", block_tables), ("seq_lens", seq_lens)):
         _require_tensor(name, x)

@@ -44,8 +44,8 @@ def one_line_error(capsys, argv):
 
 
 def test_help_explains_every_flag():
-    flags = ["--model", "--model-type", "--tokenizer", "--prompt", "--max-new-tokens", "--repeats", "--batch-size", "--dtype",
-             "--device", "--backend", "--block-size", "--do-sample", "--temperature", "--top-k", "--top-p",
+    flags = ["--model", "--model-type", "--tokenizer", "--prompt", "--max-new-tokens", "--repeats", "--batch-size",
+             "--dtype", "--device", "--backend", "--block-size", "--do-sample", "--temperature", "--top-k", "--top-p",
              "--repetition-penalty", "--no-cuda-graph", "--skip-no-cache", "--seed"]
     out = subprocess.run([sys.executable, "-m", "kvkernels", "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0

@@ -10,13 +10,19 @@ TGI's backends) and the cache applies causal, padding and sliding-window masking
 import contextlib
 import contextvars
 
-from transformers import AttentionInterface
+from transformers import AttentionInterface, PretrainedConfig
 
 NAME = "kvkernels"
 _ACTIVE = contextvars.ContextVar("kvkernels_active_cache", default=None)
 # Arguments some attention modules pass that change the math in ways the paged kernels do not implement.
 _UNSUPPORTED = {"softcap": "attention logit soft-capping", "s_aux": "attention sinks",
                 "sinks": "attention sinks", "head_mask": "a head mask"}
+
+
+def model_configs(module):
+    """Every distinct config the modules under `module` read their attention implementation from."""
+    return list({id(m.config): m.config for m in module.modules()
+                 if isinstance(getattr(m, "config", None), PretrainedConfig)}.values())
 
 
 @contextlib.contextmanager

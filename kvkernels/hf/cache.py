@@ -206,8 +206,8 @@ class PagedCache(Cache):
         pool = self.pool
         pages = (pool.v_pools if values else pool.k_pools)[layer]
         lens = [pool.seq_len(s) for s in range(self.num_seqs)]
-        rows = pages.view(-1, self.num_kv_heads, self.head_dim).index_select(0, self._slots_of(pool, range(self.num_seqs),
-                                                                                            lens))
+        slots = self._slots_of(pool, range(self.num_seqs), lens)
+        rows = pages.view(-1, self.num_kv_heads, self.head_dim).index_select(0, slots)
         out = pages.new_zeros(self.num_seqs, self.seen_tokens, self.num_kv_heads, self.head_dim)
         out[self.columns.to(pool.device)] = rows                 # row-major order = sequence by sequence
         return out.transpose(1, 2)

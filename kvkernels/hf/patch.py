@@ -24,11 +24,11 @@ import warnings
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache, PretrainedConfig, PreTrainedModel
+from transformers import DynamicCache, PreTrainedModel
 
 from ..gpt2_common import blocks_for, check_cache_dtype, check_positive_int
 from ..ops import BACKENDS
-from .attention import active_cache
+from .attention import active_cache, model_configs
 from .cache import PagedCache, attention_shape
 
 _STATE = "_kvkernels_patch"
@@ -130,9 +130,7 @@ def patch(model, *, backend="auto", block_size=16, max_tokens=None, cache_dtype=
     if state is not None:
         state.options = options
     else:
-        configs = {id(m.config): m.config for m in base.modules()
-                   if isinstance(getattr(m, "config", None), PretrainedConfig)}
-        state = _PatchState(options, list(configs.values()))
+        state = _PatchState(options, model_configs(base))
         state.install(base, "forward", _model_forward)
         object.__setattr__(base, _STATE, state)
     installed = getattr(model.__dict__.get("_prepare_cache_for_generation"), "__func__", None)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ops import paged_decode_attention, write_kv_cache
-from .attention import active_cache
+from .attention import active_cache, model_configs
 
 
 class DecoderRunner:
@@ -27,7 +27,7 @@ class DecoderRunner:
     def __init__(self, model, pool, batch: int, select):
         self.model, self.pool, self.select = model, pool, select
         self.tables = pool.block_tables[:batch]                                     # int32 [B, M], static
-        self.configs = list({id(m.config): m.config for m in model.modules() if hasattr(m, "config")}.values())
+        self.configs = model_configs(model)
         self.keep_last = "logits_to_keep" in inspect.signature(type(model).forward).parameters
         device = self.tables.device
         self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)  # [B, 1], static for graphs
