@@ -1,4 +1,5 @@
-"""End-to-end GPT-2 generation: HF's caches against kvkernels, tokens/s, latency, memory, greedy agreement.
+"""End-to-end generation (GPT-2 and Llama-family shapes): HF's caches against kvkernels, tokens/s, latency,
+memory, greedy agreement.
 
 Modes (each in its own row; one that fails or is unsupported shows its error):
     hf_no_cache          model.generate(use_cache=False): the whole sequence recomputed per token
@@ -13,8 +14,8 @@ instrumented run whose streamer syncs and timestamps every token (time to first 
 latency over position). All modes see the same random prompt; greedy throughout. In fp32 every cached
 mode's tokens are compared with HF's dynamic cache.
 
-    python -m bench.generate                  # GPT-2 124M and 355M, fp32 + fp16, batch 1, 8, 32 (GPU)
-    python -m bench.generate --quick          # a tiny GPT-2 on CPU in seconds
+    python -m bench.generate                  # GPT-2 124M, 355M, llama-1B, qwen2.5-0.5B; fp32 + fp16; B 1, 8, 32
+    python -m bench.generate --quick          # a tiny GPT-2 and a tiny Llama on CPU in seconds
 """
 import argparse
 import dataclasses
@@ -30,7 +31,8 @@ from . import plots
 from .common import (DTYPES, Stopwatch, add_run_args, default_device, environment, environment_markdown, error_string,
                      fmt, free_device_memory, load_for_append, markdown_table, merge_rows, output_dir,
                      smoke_run_notice, spread, write_json)
-from .models import TokenClock, build_model, mode_table, random_prompt, token_gaps_ms, weight_bytes
+from .models import (TokenClock, build_model, mode_table, model_title, random_prompt, token_gaps_ms,
+                     weight_bytes)
 
 REFERENCE_MODE = "hf_dynamic"
 # Candidates closer than this (fp32 logits) are a near-tie: any change of summation order may flip them.
@@ -39,7 +41,7 @@ NEAR_TIE_LOGIT_MARGIN = 1e-3
 
 @dataclass
 class GenerateConfig:
-    models: tuple = ("124M", "355M")
+    models: tuple = ("124M", "355M", "llama-1B", "qwen2.5-0.5B")
     dtypes: tuple = ("fp32", "fp16")
     batches: tuple = (1, 8, 32)
     prompt_len: int = 9
@@ -50,8 +52,8 @@ class GenerateConfig:
     seed: int = 0
 
 
-QUICK_CONFIG = GenerateConfig(models=("tiny",), dtypes=("fp32",), batches=(1, 2), prompt_len=5, new_tokens=6,
-                              repeats=2)
+QUICK_CONFIG = GenerateConfig(models=("tiny", "llama-tiny"), dtypes=("fp32",), batches=(1, 2), prompt_len=5,
+                              new_tokens=6, repeats=2)
 
 
 def measure(factory, model, prompt, new_tokens: int, repeats: int, device) -> dict:
@@ -150,7 +152,7 @@ def check_summary(rows) -> dict:
 def markdown(result) -> str:
     cfg, env = result["settings"], result["environment"]
     appended = f" Rows from {len(env['earlier_runs']) + 1} invocations (--append)." if env.get("earlier_runs") else ""
-    lines = ["# End-to-end generation (GPT-2)", "", environment_markdown(env) + appended, "",
+    lines = ["# End-to-end generation", "", environment_markdown(env) + appended, "",
              f"Prompt {cfg['prompt_len']} random tokens, {cfg['new_tokens']} new tokens, greedy, "
              f"{cfg['repeats']} timed repeats after one warm-up run. tokens/s = batch x new tokens / wall time "
              "(prefill included), median (min-max). TTFT: a one-token generate (prefill + first token), "
@@ -174,7 +176,7 @@ def markdown(result) -> str:
         lines.append("**Greedy check: not performed** (needs fp32 runs of `hf_dynamic` and another cached mode).")
     lines.append("")
     for model, dtype in sorted({(r["model"], r["dtype"]) for r in result["runs"]}):
-        lines += [f"## GPT-2 {model} · {dtype}", ""]
+        lines += [f"## {model_title(model)} · {dtype}", ""]
         rows = []
         for r in (r for r in result["runs"] if (r["model"], r["dtype"]) == (model, dtype)):
             if r["status"] == "ok":
@@ -210,9 +212,9 @@ def run(config: GenerateConfig, device, out_dir, *, name="generate", append=Fals
     for model_name, dtype, batch in todo:
         model = build_model(model_name, DTYPES[dtype], device, seed=config.seed)
         label = os.path.basename(model_name.rstrip("/"))
-        if model.config.n_positions < config.prompt_len + config.new_tokens:
+        if model.config.max_position_embeddings < config.prompt_len + config.new_tokens:
             raise SystemExit(f"prompt {config.prompt_len} + {config.new_tokens} new tokens exceed the model's "
-                             f"{model.config.n_positions} positions")
+                             f"{model.config.max_position_embeddings} positions")
         prompt = random_prompt(batch, config.prompt_len, model.config.vocab_size, device, seed=config.seed)
         for mode in selected:
             bar.set_postfix_str(f"{label} {dtype} B={batch} {mode}")
@@ -269,12 +271,13 @@ def run(config: GenerateConfig, device, out_dir, *, name="generate", append=Fals
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench.generate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_run_args(parser, "tiny GPT-2, few tokens: a CPU smoke run in seconds")
+    add_run_args(parser, "tiny GPT-2 and Llama, few tokens: a CPU smoke run in seconds")
     parser.add_argument("--name", default="generate", help="stem of the output files, to keep several runs apart")
     parser.add_argument("--append", action="store_true",
                         help="add this run's rows to an existing <name>.json (same device, versions and settings), "
                              "to split a long benchmark into several invocations")
-    parser.add_argument("--models", nargs="+", help="GPT-2 shapes (124M, 355M, distilgpt2, tiny) with random weights")
+    parser.add_argument("--models", nargs="+", help="shapes with random weights: GPT-2 (124M, 355M, distilgpt2, tiny) "
+                                                    "or Llama-family (llama-1B, qwen2.5-0.5B, llama-tiny)")
     parser.add_argument("--model", help="a local GPT-2 checkpoint directory (instead of --models)")
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), help="model dtypes (default fp32 fp16)")
     parser.add_argument("--batches", type=int, nargs="+", help="batch sizes (default 1 8 32)")

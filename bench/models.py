@@ -1,4 +1,5 @@
-"""GPT-2 models with random weights, and the generation modes that bench.generate and bench.seeds compare.
+"""GPT-2 and Llama-family models with random weights, and the generation modes that bench.generate and bench.seeds
+compare.
 
 A mode is a context manager: entering it prepares the model (patching, a persistent batching manager),
 the value it yields generates `new_tokens` tokens for a prompt batch, and leaving it restores the model.
@@ -14,7 +15,7 @@ import time
 from dataclasses import dataclass
 
 import torch
-from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, GPT2Config, GPT2LMHeadModel
 from transformers.generation.streamers import BaseStreamer
 
 from .common import synchronize
@@ -28,12 +29,35 @@ GPT2_SHAPES = {
              "eos_token_id": 1},
 }
 HUB_NAMES = {"gpt2": "124M", "gpt2-medium": "355M", "distilgpt2": "distilgpt2"}
+# Rotary grouped-query decoders, (model_type, config) after the Hub checkpoints' shapes; "llama-tiny" is for --quick.
+DECODER_SHAPES = {
+    "llama-1B": ("llama", dict(num_hidden_layers=16, hidden_size=2048, intermediate_size=8192, num_attention_heads=32,
+                               num_key_value_heads=8, head_dim=64, vocab_size=128256, max_position_embeddings=4096,
+                               tie_word_embeddings=True)),                     # Llama 3.2 1B: 4 query heads per KV
+    "qwen2.5-0.5B": ("qwen2", dict(num_hidden_layers=24, hidden_size=896, intermediate_size=4864,
+                                   num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
+                                   max_position_embeddings=4096, tie_word_embeddings=True)),   # 7 per KV head
+    "llama-tiny": ("llama", dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                 num_key_value_heads=2, vocab_size=512, max_position_embeddings=256, bos_token_id=1,
+                                 eos_token_id=1)),
+}
 
 
-def build_model(name: str, dtype, device, *, seed: int = 0) -> GPT2LMHeadModel:
-    """A GPT-2 of a named shape with random weights, or a local checkpoint directory."""
+def model_title(name: str) -> str:
+    """How tables and plots name a model: its shape name, after "GPT-2" for the GPT-2 shapes and checkpoints."""
+    return name if name in DECODER_SHAPES else f"GPT-2 {name}"
+
+
+def build_model(name: str, dtype, device, *, seed: int = 0):
+    """A GPT-2 or a DECODER_SHAPES decoder of a named shape with random weights, or a local GPT-2 checkpoint."""
     if os.path.isdir(name):
         model = GPT2LMHeadModel.from_pretrained(name, dtype=dtype).to(device)
+    elif name in DECODER_SHAPES:
+        model_type, shape = DECODER_SHAPES[name]
+        torch.manual_seed(seed)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **shape))
+        model = model.to(dtype)
     else:
         shape = GPT2_SHAPES[HUB_NAMES.get(name, name)]
         torch.manual_seed(seed)

@@ -6,6 +6,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from .common import run_label  # noqa: E402
+from .models import model_title  # noqa: E402
 
 STYLE = {"triton": ("tab:blue", "o"), "cuda": ("tab:orange", "s"), "torch": ("tab:gray", "^"),
          "sdpa": ("tab:green", "D")}
@@ -100,7 +101,7 @@ def generate_tokens_per_s(result, out_dir, name="generate") -> list:
         ax.set_ylim(bottom=0)   # linear from zero: bar lengths proportional to throughput
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
-        ax.set_title(f"{run_label(result)}GPT-2 {model}, {dtype}: generation throughput — "
+        ax.set_title(f"{run_label(result)}{model_title(model)}, {dtype}: generation throughput — "
                      f"{result['environment']['device']}", fontsize=9)
         paths.append(_save(fig, out_dir / f"{name}_tps_{model}_{dtype}.png"))
     return paths
@@ -132,7 +133,7 @@ def generate_latency(result, out_dir, name="generate") -> list:
             ax.grid(alpha=0.3)
         axes[0][0].set_ylabel("ms from one token to the next")
         axes[0][-1].legend(fontsize=7)
-        fig.suptitle(f"{run_label(result)}GPT-2 {model}, {dtype}: per-token latency over position — "
+        fig.suptitle(f"{run_label(result)}{model_title(model)}, {dtype}: per-token latency over position — "
                      f"{result['environment']['device']}",
                      fontsize=9)
         paths.append(_save(fig, out_dir / f"{name}_latency_{model}_{dtype}.png"))

@@ -1,4 +1,4 @@
-"""kvkernels: paged-KV decode attention kernels (Triton, CUDA, PyTorch) and a GPT-2 integration."""
+"""kvkernels: paged-KV decode attention kernels (Triton, CUDA, PyTorch) and a Hugging Face decoder integration."""
 from . import reference
 from .cache import BlockAllocator, CacheFullError, PagedKVCache
 from .ops import paged_decode_attention, write_kv_cache
@@ -6,7 +6,7 @@ from .ops import paged_decode_attention, write_kv_cache
 __version__ = "0.1.0"
 
 # The Hugging Face integration imports transformers, which is slow: load it on first use only.
-_LAZY = {"patch": "hf_patch", "unpatch": "hf_patch", "patched": "hf_patch", "generate": "generation"}
+_LAZY = {"patch": "hf", "unpatch": "hf", "patched": "hf", "is_patched": "hf", "generate": "generation"}
 
 
 def __getattr__(name):
@@ -17,4 +17,4 @@ def __getattr__(name):
 
 
 __all__ = ["paged_decode_attention", "write_kv_cache", "reference", "PagedKVCache", "BlockAllocator",
-           "CacheFullError", "patch", "unpatch", "patched", "generate"]
+           "CacheFullError", "patch", "unpatch", "patched", "is_patched", "generate"]

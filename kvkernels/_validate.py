@@ -63,8 +63,16 @@ def _require_cache_pair(k_cache, v_cache):
         _require_last_dim_contiguous(name, x)
 
 
-def check_decode_inputs(q, k_cache, v_cache, block_tables, seq_lens, dtypes=KERNEL_DTYPES) -> DecodeShape:
+def check_decode_inputs(q, k_cache, v_cache, block_tables, seq_lens, dtypes=KERNEL_DTYPES,
+                        seq_starts=None) -> DecodeShape:
     """Checks types, dtypes, devices and shapes (no device sync). Returns the problem's sizes."""
+    if seq_starts is not None:
+        _require_tensor("seq_starts", seq_starts)
+        _require_same_device({"seq_lens": seq_lens, "seq_starts": seq_starts})
+        _require_index_dtype("seq_starts", seq_starts, torch.int32)
+        if seq_starts.shape != seq_lens.shape:
+            raise ValueError(f"seq_starts must have seq_lens' shape {tuple(seq_lens.shape)}, "
+                             f"got {tuple(seq_starts.shape)}")
     for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache),
                     ("block_tables", block_tables), ("seq_lens", seq_lens)):
         _require_tensor(name, x)
@@ -96,10 +104,15 @@ def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-def check_decode_values(block_tables, seq_lens, shape: DecodeShape) -> None:
-    """Checks seq_lens and the block ids in use. Costs one device sync on GPU; skipped under graph capture."""
+def check_decode_values(block_tables, seq_lens, shape: DecodeShape, seq_starts=None) -> None:
+    """Checks seq_lens, seq_starts and the block ids in use. Costs one device sync on GPU; skipped under graph
+    capture."""
     if shape.batch == 0 or _capturing(seq_lens.device):
         return
+    if seq_starts is not None and bool(((seq_starts < 0) | (seq_starts >= seq_lens)).any()):
+        row = int(((seq_starts < 0) | (seq_starts >= seq_lens)).nonzero()[0])
+        raise ValueError(f"seq_starts[{row}] = {int(seq_starts[row])} must be in [0, seq_lens[{row}] = "
+                         f"{int(seq_lens[row])}): each query sees at least one token")
     capacity = shape.max_blocks_per_seq * shape.block_size
     lens = seq_lens.long()
     blocks_used = (lens + shape.block_size - 1) // shape.block_size                       # [B]

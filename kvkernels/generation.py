@@ -1,4 +1,7 @@
-"""kvkernels.generate: GPT-2 generation over a preallocated paged cache, one CUDA graph per decode step.
+"""kvkernels.generate: generation over a preallocated paged cache, one CUDA graph per decode step.
+
+GPT-2 runs the fused step below; every other decoder kvkernels.patch serves (Llama, Mistral, Qwen2, Qwen3, Phi3, ...)
+runs its own modules with the "kvkernels" attention function on the same static pool (kvkernels.hf.runner).
 
 Static shapes make the graph possible. The pool holds, for every sequence, room for its real prompt tokens
 plus max_new_tokens, and its block table is filled before the first token; a decode step then only reads
@@ -26,6 +29,7 @@ import torch.nn.functional as F
 from transformers.activations import NewGELUActivation
 
 from .cache import PagedKVCache
+from .hf.cache import attention_shape
 from .gpt2_common import attention_scale, blocks_for, check_positive_int, gpt2_parts
 from .ops import BACKENDS, paged_decode_attention, resolve_backend, triton_available, write_kv_cache
 from .sampling import SamplingParams, generation_settings, hf_penalises_left_padding, process_logits, select_tokens
@@ -136,14 +140,7 @@ class _Runner:
         return self.lm_head(self.base.ln_f(x[:, -1])).float()                         # last column is real
 
     def select(self, logits, state: _DecodeState, grow=False):
-        """Picks the next tokens from logits float32 [B, V] and does the EOS / output bookkeeping, on the device.
-        grow: this follows a decode step, which cached each unfinished row's input token."""
-        params = self.params
-        if params.do_sample:
-            chosen = select_tokens(process_logits(logits, params, state.seen), params)
-            self.ops.update_state(state, chosen=chosen, penalty=params.repetition_penalty, grow=grow)
-        else:
-            self.ops.update_state(state, logits, penalty=params.repetition_penalty, grow=grow)
+        _select(self.ops, self.params, logits, state, grow)
 
     def decode_step(self, state: _DecodeState):
         """One token per sequence: embed state.tokens, append their K/V, attend over the pages, select."""
@@ -164,6 +161,33 @@ class _Runner:
         ops.linear(x, self.lm_head.weight.t(), self.lm_head.bias, self.logits, layer_norm=_norm(base.ln_f))
         # Finished sequences stop growing (grow skips them): their next, ignored token overwrites the same slot.
         self.select(self.logits, state, grow=True)
+
+
+def _select(ops, params: SamplingParams, logits, state: _DecodeState, grow=False):
+    """Picks the next tokens from logits float32 [B, V] and does the EOS / output bookkeeping, on the device.
+    grow: this follows a decode step, which cached each unfinished row's input token."""
+    if params.do_sample:
+        chosen = select_tokens(process_logits(logits, params, state.seen), params)
+        ops.update_state(state, chosen=chosen, penalty=params.repetition_penalty, grow=grow)
+    else:
+        ops.update_state(state, logits, penalty=params.repetition_penalty, grow=grow)
+
+
+def _is_gpt2(model) -> bool:
+    try:
+        gpt2_parts(model)
+    except TypeError:
+        return False
+    return True
+
+
+def _model_parts(model):
+    """(base model, LM head) of a GPT-2 or of any decoder kvkernels.patch serves; a TypeError names what is missing."""
+    if _is_gpt2(model):
+        return gpt2_parts(model)
+    from .hf.patch import decoder_parts
+    base, _ = decoder_parts(model)
+    return base, (model.get_output_embeddings() if model is not base else None)
 
 
 def _norm(layer_norm):
@@ -227,9 +251,10 @@ def _token_ids(value, name):
 
 
 def _check_inputs(model, input_ids, attention_mask, max_new_tokens):
-    base, lm_head = gpt2_parts(model)
+    base, lm_head = _model_parts(model)
     if lm_head is None:
-        raise TypeError(f"model must have a language-modelling head (GPT2LMHeadModel), got {type(model).__name__}")
+        raise TypeError(f"model must have a language-modelling head (GPT2LMHeadModel, LlamaForCausalLM, ...), got "
+                        f"{type(model).__name__}")
     if model.training:
         raise ValueError("kvkernels.generate runs inference: call model.eval() first")
     if not isinstance(input_ids, torch.Tensor) or input_ids.dtype != torch.long or input_ids.dim() != 2:
@@ -237,7 +262,7 @@ def _check_inputs(model, input_ids, attention_mask, max_new_tokens):
     if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be non-empty, got shape {tuple(input_ids.shape)}")
     check_positive_int("max_new_tokens", max_new_tokens)
-    device = base.wte.weight.device
+    device = lm_head.weight.device
     input_ids = input_ids.to(device)
     if attention_mask is None:
         real = torch.ones_like(input_ids, dtype=torch.bool)
@@ -248,16 +273,18 @@ def _check_inputs(model, input_ids, attention_mask, max_new_tokens):
         if not bool(real[:, -1].all()):
             raise ValueError("attention_mask: prompts must be left-padded (the last column real in every row)")
     lengths = real.sum(1).tolist()
-    n_positions = base.config.n_positions
-    if max(lengths) + max_new_tokens > n_positions:
+    from .hf.patch import position_limit
+    limit = position_limit(base)                     # a learned position table (GPT-2's n_positions), else None
+    if limit is not None and max(lengths) + max_new_tokens > limit:
+        name = attention_shape(base.config).max_positions_name
         raise ValueError(f"the longest prompt ({max(lengths)} tokens) plus max_new_tokens ({max_new_tokens}) exceeds "
-                         f"the model's n_positions={n_positions}")
+                         f"the model's {name}={limit}")
     return base, lm_head, input_ids, real, lengths
 
 
 def _session(model, base, lm_head, params, lengths, max_new_tokens, eos, pad, backend, block_size) -> _Session:
     """The model's kept session if this call fits it, else a new one (replacing the old, freed first)."""
-    batch, device, dtype = len(lengths), base.wte.weight.device, base.wte.weight.dtype
+    batch, device, dtype = len(lengths), lm_head.weight.device, lm_head.weight.dtype
     blocks_per_seq = blocks_for(max(lengths) + max_new_tokens, block_size)
     key = (batch, blocks_per_seq, block_size, max_new_tokens, params, tuple(eos), pad, backend, device, dtype,
            tuple(p.data_ptr() for p in model.parameters()))
@@ -265,8 +292,8 @@ def _session(model, base, lm_head, params, lengths, max_new_tokens, eos, pad, ba
     if session is not None and session.key == key:
         return session
     release(model)
-    attn = base.h[0].attn
-    pool = PagedKVCache(len(base.h), attn.num_heads, attn.head_dim, max_batch_size=batch,
+    shape = attention_shape(base.config)
+    pool = PagedKVCache(shape.num_layers, shape.num_kv_heads, shape.head_dim, max_batch_size=batch,
                         num_blocks=batch * blocks_per_seq, block_size=block_size, max_blocks_per_seq=blocks_per_seq,
                         dtype=dtype, device=device, backend=backend)
     state = _DecodeState(
@@ -278,7 +305,12 @@ def _session(model, base, lm_head, params, lengths, max_new_tokens, eos, pad, ba
         out=torch.zeros(batch, max_new_tokens, dtype=torch.long, device=device),
         seen=torch.zeros(batch, lm_head.out_features, dtype=torch.bool, device=device) if params.uses_penalty else None,
         eos=torch.tensor(eos, dtype=torch.long, device=device), pad=pad)
-    session = _Session(key, pool, _Runner(base, lm_head, pool, batch, params), state)
+    if _is_gpt2(model):
+        runner = _Runner(base, lm_head, pool, batch, params)
+    else:
+        from .hf.runner import DecoderRunner
+        runner = DecoderRunner(model, pool, batch, functools.partial(_select, _step_ops(pool.backend, device), params))
+    session = _Session(key, pool, runner, state)
     model.__dict__[_SESSION] = session
     return session
 
@@ -304,13 +336,15 @@ def _reset_state(state: _DecodeState, input_ids, real, lengths):
 def generate(model, input_ids, attention_mask=None, *, max_new_tokens=None, do_sample=None, temperature=None,
              top_k=None, top_p=None, repetition_penalty=None, eos_token_id=None, pad_token_id=None, cuda_graph=True,
              streamer=None, backend="auto", block_size=16):
-    """Generates up to `max_new_tokens` tokens per prompt with a Hugging Face GPT2LMHeadModel.
+    """Generates up to `max_new_tokens` tokens per prompt with a Hugging Face decoder.
 
     Args:
-        model: GPT2LMHeadModel in eval mode (any size; fp32 / fp16 / bf16).
+        model: GPT2LMHeadModel, or any head model kvkernels.patch serves (LlamaForCausalLM, MistralForCausalLM,
+            Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM, ...), in eval mode (fp32 / fp16 / bf16).
         input_ids: int64 [B, P], prompts left-padded to a common length.
         attention_mask: [B, P] of 0/1 (padding 0), or None when nothing is padded.
-        max_new_tokens: tokens to generate; the longest prompt plus this must fit in n_positions.
+        max_new_tokens: tokens to generate; the longest prompt plus this must fit in a learned position table
+            (GPT-2's n_positions; rotary models have none).
         do_sample, temperature, top_k, top_p, repetition_penalty: as in HF generate.
         Each of these left None means what it means in `model.generate`: model.generation_config's value, else
         HF's default (greedy; top_k=50 when sampling; 20 new tokens). A generation_config
@@ -330,7 +364,7 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens=None, do_s
         reached EOS, as in HF). Sampling draws from torch's default generator: seed it for reproducibility.
     """
     prompt_width = input_ids.shape[-1] if isinstance(input_ids, torch.Tensor) else 0
-    gpt2_parts(model)                                  # a clear TypeError for anything but GPT-2 first
+    _model_parts(model)                                # a clear TypeError for a model it cannot serve first
     settings = generation_settings(model, prompt_width, max_new_tokens=max_new_tokens, do_sample=do_sample,
                                     temperature=temperature, top_k=top_k, top_p=top_p,
                                     repetition_penalty=repetition_penalty)

@@ -80,7 +80,7 @@ def resolve_backend(backend: str, device: torch.device, shape=None) -> str:
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, *, scale=None, backend="auto",
-                           validate=True, out=None, split_counters=None):
+                           validate=True, out=None, seq_starts=None, split_counters=None):
     """Single-query attention for each sequence over its pages of a paged KV cache.
 
     Args:
@@ -91,6 +91,8 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, *, scale
             a sequence's last block are never read.
         seq_lens: int32 [B], tokens cached for each sequence, 1 <= seq_lens <= max_blocks_per_seq * block_size.
         scale: softmax scale, default D ** -0.5.
+        seq_starts: None, or int32 [B], each sequence's first visible token (a sliding window), 0 <= seq_starts <
+            seq_lens: the tokens before it are never read. Triton and the reference; the CUDA backend has none.
         backend: "auto" | "triton" | "cuda" | "torch". "auto": on CUDA the faster of Triton and CUDA for this
             shape (AUTO_TABLE), on the CPU Triton's interpreter when TRITON_INTERPRET=1, else the reference.
         validate: check seq_lens and the block ids in use (one device sync; skipped while capturing a
@@ -105,7 +107,11 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, *, scale
     Returns:
         out: [B, H, D] in q's dtype.
     """
-    shape = check_decode_inputs(q, k_cache, v_cache, block_tables, seq_lens)
+    shape = check_decode_inputs(q, k_cache, v_cache, block_tables, seq_lens, seq_starts=seq_starts)
+    if seq_starts is not None and backend == "auto":
+        backend = "triton" if triton_available(q.device) else "torch"
+    if seq_starts is not None and backend == "cuda":
+        raise ValueError("the CUDA backend has no seq_starts (sliding window): use backend='triton' or 'torch'")
     backend = resolve_backend(backend, q.device, shape)
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -115,19 +121,21 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, *, scale
     if split_counters is not None:
         check_split_counters(split_counters, shape, q.device, validate)
     if validate:
-        check_decode_values(block_tables, seq_lens, shape)
+        check_decode_values(block_tables, seq_lens, shape, seq_starts)
     scale = shape.head_dim ** -0.5 if scale is None else float(scale)
     q, block_tables, seq_lens = _unit_stride(q), _unit_stride(block_tables), _unit_stride(seq_lens)
+    if seq_starts is not None:
+        seq_starts = _unit_stride(seq_starts)
     if backend == "torch":
         out.copy_(reference.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale=scale,
-                                                   validate=False))
+                                                   validate=False, seq_starts=seq_starts))
     elif backend == "cuda":
         from . import cuda_ext
         cuda_ext.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, shape, scale, out)
     else:
         from . import triton_decode
         triton_decode.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, shape, scale, out,
-                                             split_counters=split_counters)
+                                             seq_starts=seq_starts, split_counters=split_counters)
     return out
 
 

@@ -28,21 +28,27 @@ def gather_kv(cache, block_tables, seq_lens):
     return torch.where(valid[:, :, None, None], rows, torch.zeros((), dtype=cache.dtype, device=cache.device)), valid
 
 
-def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, *, scale=None, validate=True):
-    """out[b, h] = softmax(scale * q[b, h] . K_b^T) V_b over the first seq_lens[b] cached tokens.
+def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, *, scale=None, validate=True,
+                           seq_starts=None):
+    """out[b, h] = softmax(scale * q[b, h] . K_b^T) V_b over cached tokens seq_starts[b] (default 0) to seq_lens[b] - 1.
 
     Query head h reads KV head h // (H / H_kv) (grouped-query, as HF's repeat_kv).
     Accumulates in float32 (float64 for float64 inputs); returns [B, H, D] in q's dtype.
     """
-    shape = check_decode_inputs(q, k_cache, v_cache, block_tables, seq_lens, REFERENCE_DTYPES)
+    shape = check_decode_inputs(q, k_cache, v_cache, block_tables, seq_lens, REFERENCE_DTYPES, seq_starts)
     if validate:
-        check_decode_values(block_tables, seq_lens, shape)
+        check_decode_values(block_tables, seq_lens, shape, seq_starts)
     compute_dtype = torch.promote_types(q.dtype, torch.float32)
     scale = shape.head_dim ** -0.5 if scale is None else scale
     group = shape.num_heads // shape.num_kv_heads
 
     k, valid = gather_kv(k_cache, block_tables, seq_lens)                                  # [B, L, H_kv, D]
     v, _ = gather_kv(v_cache, block_tables, seq_lens)
+    if seq_starts is not None:  # tokens before the window: zeroed like unused rows, so NaN there cannot leak
+        seen = torch.arange(valid.shape[1], device=valid.device)[None, :] >= seq_starts.long()[:, None]   # [B, L]
+        zero = torch.zeros((), dtype=k.dtype, device=k.device)
+        k, v = torch.where(seen[:, :, None, None], k, zero), torch.where(seen[:, :, None, None], v, zero)
+        valid = valid & seen
     k = k.to(compute_dtype).repeat_interleave(group, dim=2)                                # [B, L, H, D]
     v = v.to(compute_dtype).repeat_interleave(group, dim=2)
     scores = torch.einsum("bhd,blhd->bhl", q.to(compute_dtype), k) * scale                 # [B, H, L]

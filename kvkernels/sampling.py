@@ -66,7 +66,7 @@ def generation_settings(model, prompt_width, **given):
             settings["max_new_tokens"] = config.max_length - prompt_width
         else:                                       # HF's default: 20 new tokens, capped at the positions
             settings["max_new_tokens"] = min(defaults["max_length"] + prompt_width,
-                                             model.config.n_positions) - prompt_width
+                                             model.config.max_position_embeddings) - prompt_width
     return settings
 
 

@@ -30,14 +30,24 @@ STATIC_CTAS_PER_SM = {False: 6, True: 5}
 
 
 @triton.jit
-def _split_bounds(seq_len, split, max_splits, MIN_SPLIT_TOKENS: tl.constexpr, TILE_N: tl.constexpr):
-    # Per-sequence layout, recomputed identically by the merge: short sequences use fewer splits. Returns
-    # the split's [start, end) and how many splits this sequence uses (split 0 always runs, also at length 0).
-    num_splits = tl.minimum(tl.maximum(tl.cdiv(seq_len, MIN_SPLIT_TOKENS), 1), max_splits)
-    tokens_per_split = tl.cdiv(tl.cdiv(seq_len, num_splits), TILE_N) * TILE_N
-    start = split * tokens_per_split
-    used = tl.maximum(tl.cdiv(seq_len, tl.maximum(tokens_per_split, 1)), 1)
+def _split_bounds(first, seq_len, split, max_splits, MIN_SPLIT_TOKENS: tl.constexpr, TILE_N: tl.constexpr):
+    # Per-sequence layout of tokens [first, seq_len), recomputed identically by the merge: short sequences
+    # (and short windows) use fewer splits. Returns the split's [start, end) and how many splits this
+    # sequence uses (split 0 always runs, also with no tokens).
+    num_tokens = seq_len - first
+    num_splits = tl.minimum(tl.maximum(tl.cdiv(num_tokens, MIN_SPLIT_TOKENS), 1), max_splits)
+    tokens_per_split = tl.cdiv(tl.cdiv(num_tokens, num_splits), TILE_N) * TILE_N
+    start = first + split * tokens_per_split
+    used = tl.maximum(tl.cdiv(num_tokens, tl.maximum(tokens_per_split, 1)), 1)
     return start, tl.minimum(start + tokens_per_split, seq_len), used
+
+
+@triton.jit
+def _first_token(seq_starts_ptr, seq, seq_len, HAS_STARTS: tl.constexpr):
+    # A sliding window's first visible token, clamped into [0, seq_len]: the tokens before it are never read.
+    if HAS_STARTS:
+        return tl.minimum(tl.maximum(tl.load(seq_starts_ptr + seq), 0), seq_len)
+    return 0
 
 
 @triton.jit
@@ -68,7 +78,7 @@ def _load_tile(k_base, v_base, block_ids, tokens, end, dims, dim_mask,
 
 @triton.jit
 def _paged_decode_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, seq_starts_ptr,
     out_ptr, partial_out_ptr, partial_lse_ptr, split_counters_ptr,
     qk_scale,  # softmax scale * log2(e): the kernel works in base 2
     stride_qb, stride_qh,
@@ -82,14 +92,15 @@ def _paged_decode_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr,
     SPLIT: tl.constexpr, MIN_SPLIT_TOKENS: tl.constexpr, NUM_STAGES: tl.constexpr,
-    DOT_IN_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_STARTS: tl.constexpr,
     FOLD_MERGE: tl.constexpr, SPLITS_PAD: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = _clamped_seq_len(seq_lens_ptr, seq, max_blocks_per_seq, BLOCK_SIZE)
-    start, end, used = _split_bounds(seq_len, split, max_splits, MIN_SPLIT_TOKENS, TILE_N)
+    first = _first_token(seq_starts_ptr, seq, seq_len, HAS_STARTS)
+    start, end, used = _split_bounds(first, seq_len, split, max_splits, MIN_SPLIT_TOKENS, TILE_N)
     if split >= used:
         return  # this sequence needs fewer splits; the merge ignores this slot
 
@@ -200,15 +211,16 @@ def _merge_head(partial_out_ptr, partial_lse_ptr, out_ptr, row_start, used, dims
 
 @triton.jit
 def _merge_splits_kernel(
-    partial_out_ptr, partial_lse_ptr, seq_lens_ptr, out_ptr,
+    partial_out_ptr, partial_lse_ptr, seq_lens_ptr, seq_starts_ptr, out_ptr,
     stride_ob, stride_oh, num_heads, max_blocks_per_seq, max_splits,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr,
-    SPLITS_PAD: tl.constexpr, MIN_SPLIT_TOKENS: tl.constexpr,
+    SPLITS_PAD: tl.constexpr, MIN_SPLIT_TOKENS: tl.constexpr, HAS_STARTS: tl.constexpr,
 ):
     seq = tl.program_id(0)
     head = tl.program_id(1)
     seq_len = _clamped_seq_len(seq_lens_ptr, seq, max_blocks_per_seq, BLOCK_SIZE)
-    _, _, used = _split_bounds(seq_len, 0, max_splits, MIN_SPLIT_TOKENS, TILE_N)
+    first = _first_token(seq_starts_ptr, seq, seq_len, HAS_STARTS)
+    _, _, used = _split_bounds(first, seq_len, 0, max_splits, MIN_SPLIT_TOKENS, TILE_N)
     dims = tl.arange(0, HEAD_DIM_PAD)
     _merge_head(partial_out_ptr, partial_lse_ptr, out_ptr + seq * stride_ob + head * stride_oh,
                 (seq * num_heads + head).to(tl.int64) * max_splits, used, dims, dims < HEAD_DIM,
@@ -232,10 +244,12 @@ def decode_config(shape, dtype: torch.dtype) -> DecodeConfig:
 
 
 def decode_launches(q, k_cache, v_cache, block_tables, seq_lens, shape, scale, out, config, num_splits,
-                    min_split_tokens=MIN_SPLIT_TOKENS, split_counters=None):
+                    min_split_tokens=MIN_SPLIT_TOKENS, split_counters=None, seq_starts=None):
     """The kernel launches of one decode as [(kernel, args, kwargs, grid)]: run by `paged_decode_attention`,
     compiled for sm_90 by `kvkernels.static_model`. Shapes as in `paged_decode_attention`; with split
     counters a split decode is one launch (the merge folded into it), else two."""
+    has_starts = seq_starts is not None
+    starts = seq_starts if has_starts else seq_lens  # a placeholder pointer the kernel never reads
     batch, num_heads, head_dim = shape.batch, shape.num_heads, shape.head_dim
     group = num_heads // shape.num_kv_heads
     head_dim_pad = max(16, triton.next_power_of_2(head_dim))
@@ -248,7 +262,7 @@ def decode_launches(q, k_cache, v_cache, block_tables, seq_lens, shape, scale, o
     fold_merge = num_splits > 1 and split_counters is not None
     splits_pad = triton.next_power_of_2(num_splits)
     launches = [(_paged_decode_kernel, (
-        q, k_cache, v_cache, block_tables, seq_lens, out, partial_out, partial_lse,
+        q, k_cache, v_cache, block_tables, seq_lens, starts, out, partial_out, partial_lse,
         split_counters if fold_merge else seq_lens,  # unused without the fold
         scale * LOG2_E,
         q.stride(0), q.stride(1),
@@ -261,16 +275,16 @@ def decode_launches(q, k_cache, v_cache, block_tables, seq_lens, shape, scale, o
         HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, GROUP=group, GROUP_PAD=group_pad,
         BLOCK_SIZE=shape.block_size, TILE_N=config.tile, SPLIT=num_splits > 1, MIN_SPLIT_TOKENS=min_split_tokens,
         NUM_STAGES=config.num_stages, DOT_IN_FP32=q.dtype != torch.float16,
-        DOT_PRECISION="tf32" if q.dtype == torch.bfloat16 else "ieee", FOLD_MERGE=fold_merge,
+        DOT_PRECISION="tf32" if q.dtype == torch.bfloat16 else "ieee", HAS_STARTS=has_starts, FOLD_MERGE=fold_merge,
         SPLITS_PAD=splits_pad if fold_merge else 1, num_warps=config.num_warps,
     ), (batch, shape.num_kv_heads, num_splits))]
     if num_splits > 1 and not fold_merge:
         launches.append((_merge_splits_kernel, (
-            partial_out, partial_lse, seq_lens, out,
+            partial_out, partial_lse, seq_lens, starts, out,
             out.stride(0), out.stride(1), num_heads, shape.max_blocks_per_seq, num_splits,
         ), dict(
             HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_SIZE=shape.block_size, TILE_N=config.tile,
-            SPLITS_PAD=splits_pad, MIN_SPLIT_TOKENS=min_split_tokens,
+            SPLITS_PAD=splits_pad, MIN_SPLIT_TOKENS=min_split_tokens, HAS_STARTS=has_starts,
         ), (batch, num_heads, 1)))
     return launches
 
@@ -308,12 +322,14 @@ def default_num_splits(shape, dtype: torch.dtype, device: torch.device, min_spli
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, shape, scale, out,
-                           *, num_splits=None, min_split_tokens=MIN_SPLIT_TOKENS, split_counters=None):
+                           *, num_splits=None, min_split_tokens=MIN_SPLIT_TOKENS, seq_starts=None,
+                           split_counters=None):
     """Launches the decode kernel (and the merge when splitting without counters) into `out`. Inputs checked
     by kvkernels.ops.
 
     q, out [B, H, D]; k_cache, v_cache [num_blocks, block_size, H_kv, D]; block_tables int32 [B, M];
-    seq_lens int32 [B]; shape: the DecodeShape from validation.
+    seq_lens int32 [B]; seq_starts: None or int32 [B], each sequence's first visible token (sliding window);
+    shape: the DecodeShape from validation.
     num_splits: the static maximum partitions per sequence (default: from occupancy, kvkernels.split).
     split_counters: optional int32 [B, H_kv], all zero; the kernel leaves them zero.
     """
@@ -323,6 +339,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, shape, s
     if num_splits is None:
         num_splits = default_num_splits(shape, q.dtype, q.device, min_split_tokens)
     for kernel, args, kwargs, grid in decode_launches(q, k_cache, v_cache, block_tables, seq_lens, shape, scale, out,
-                                                      config, num_splits, min_split_tokens, split_counters):
+                                                      config, num_splits, min_split_tokens, split_counters,
+                                                      seq_starts):
         kernel[grid](*args, **kwargs)
     return out

@@ -1,5 +1,5 @@
 """Random paged-KV problems for the kernel tests: ragged lengths, shuffled tables, NaN in every free slot;
-tiny GPT-2s; the sm_90 compile scripts' runner."""
+tiny GPT-2s and decoders of each family; the sm_90 compile scripts' runner."""
 import json
 import os
 import subprocess
@@ -118,3 +118,35 @@ def run_sm90_compile(script, *args, timeout=900):
                          capture_output=True, text=True, timeout=timeout)
     assert run.returncode == 0, run.stderr[-4000:]
     return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+# Tiny fp32 decoders of each family kvkernels.patch serves, covering GQA groups H/H_kv of 1, 4 and 8, head dims 64, 80
+# and 128, a sliding window on every layer (Mistral) and alternating full and windowed layers (Qwen2).
+DECODERS = {
+    "llama": dict(num_attention_heads=8, num_key_value_heads=1, head_dim=64),
+    "mistral": dict(num_attention_heads=4, num_key_value_heads=1, head_dim=80, sliding_window=6),
+    "qwen2": dict(num_attention_heads=2, num_key_value_heads=2, head_dim=128, use_sliding_window=True,
+                  sliding_window=6, max_window_layers=1),
+    "qwen3": dict(num_attention_heads=8, num_key_value_heads=2, head_dim=64),
+    "phi3": dict(num_attention_heads=4, num_key_value_heads=4, head_dim=80),
+    "gpt2": dict(n_head=4, n_embd=128, n_positions=256, initializer_range=0.3),
+}
+
+
+def make_decoder(family, seed=0, device="cpu", sharpen=8.0, **overrides):
+    """Tiny random `family` decoder (a key of DECODERS) with eager attention, its LM head (unless tied to the
+    embeddings: GPT-2 spreads its logits by initializer_range) scaled by `sharpen` so that greedy is far from ties."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = dict(vocab_size=256, pad_token_id=0, bos_token_id=0, eos_token_id=1)
+    if family == "gpt2":
+        config.update(n_layer=2)
+    else:
+        config.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, max_position_embeddings=256)
+    config.update(DECODERS[family], **overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **config), attn_implementation="eager")
+    if model.lm_head.weight is not model.get_input_embeddings().weight:
+        with torch.no_grad():
+            model.lm_head.weight.mul_(sharpen)
+    return model.to(device).eval()

@@ -142,14 +142,17 @@ def test_generate_quick_outputs(generate_run):
         beyond_first_ms = run["seconds"]["median"] * 1e3 - run["ttft_ms"]["median"]
         assert run["decode_ms_per_token"] == pytest.approx(beyond_first_ms / (config.new_tokens - 1))
         assert run["per_token_comparable"] == (run["mode"] != "hf_generate_batch"), run["per_token_source"]
-    by_mode = {(r["mode"], r["batch"]): r for r in saved["runs"]}
-    for mode in ("hf_no_cache", "hf_dynamic", "hf_static", "hf_generate_batch"):
+    by_mode = {(r["model"], r["mode"], r["batch"]): r for r in saved["runs"]}
+    assert {r["model"] for r in saved["runs"]} == {"tiny", "llama-tiny"}       # GPT-2 and a Llama-family shape
+    for model in ("tiny", "llama-tiny"):
         for batch in config.batches:
-            assert by_mode[mode, batch]["status"] == "ok", by_mode[mode, batch]
-    if not torch.cuda.is_available():   # nothing to run the CUDA backend's modes on: skipped, not failed
-        for mode in ("kvk_patch[cuda]", "kvk_generate[cuda]"):
-            for batch in config.batches:
-                assert (by_mode[mode, batch]["status"], by_mode[mode, batch]["error"]) == ("skipped", "no CUDA device")
+            for mode in ("hf_no_cache", "hf_dynamic", "hf_static", "hf_generate_batch", "kvk_patch[triton]",
+                         "kvk_generate[triton]"):
+                assert by_mode[model, mode, batch]["status"] == "ok", by_mode[model, mode, batch]
+            if not torch.cuda.is_available():   # nothing to run the CUDA backend's modes on: skipped, not failed
+                for mode in ("kvk_patch[cuda]", "kvk_generate[cuda]"):
+                    run = by_mode[model, mode, batch]
+                    assert (run["status"], run["error"]) == ("skipped", "no CUDA device")
         assert "| skipped: no CUDA device |" in (out / "generate.md").read_text()
     summary = saved["greedy_check_summary"]
     assert summary["performed"] and summary["passed"], saved["greedy_check"]
@@ -159,7 +162,7 @@ def test_generate_quick_outputs(generate_run):
     markdown = (out / "generate.md").read_text()
     assert "Greedy check (fp32" in markdown and "PASSED" in markdown and "hf_generate_batch" in markdown
     assert_smoke_run_labelled(markdown)
-    assert len(result["plots"]) == 2
+    assert len(result["plots"]) == 2 * len(config.models)                      # throughput and latency per model
     for path in result["plots"]:
         assert_valid_png(path)
 
@@ -172,13 +175,16 @@ def test_generate_plots_are_honest(generate_run, monkeypatch):
     (bars,) = figures[0].axes
     assert bars.get_yscale() == "linear" and bars.get_ylim()[0] == 0     # bar lengths proportional to tokens/s
     assert bars.get_title().startswith("SMOKE RUN (--quick, Triton interpreter), not performance")
+    throughput_figures = len(figures)                                           # one per model and dtype
+    assert throughput_figures == len(generate.QUICK_CONFIG.models)
     plots.generate_latency(saved, out)
-    for ax in figures[1].axes:
-        plotted = {line.get_label() for line in ax.get_lines() if len(line.get_xdata())}
-        assert "hf_generate_batch" not in plotted and "hf_dynamic" in plotted      # its gaps are HF's own stamps
-    legend = [t.get_text() for t in figures[1].axes[-1].get_legend().texts]
-    assert any(t.startswith("hf_generate_batch: not plotted") for t in legend), legend
-    assert figures[1]._suptitle.get_text().startswith("SMOKE RUN")
+    for figure in figures[throughput_figures:]:
+        for ax in figure.axes:
+            plotted = {line.get_label() for line in ax.get_lines() if len(line.get_xdata())}
+            assert "hf_generate_batch" not in plotted and "hf_dynamic" in plotted  # its gaps are HF's own stamps
+        legend = [t.get_text() for t in figure.axes[-1].get_legend().texts]
+        assert any(t.startswith("hf_generate_batch: not plotted") for t in legend), legend
+        assert figure._suptitle.get_text().startswith("SMOKE RUN")
 
 
 def test_generate_batch_logs_no_psutil_notice(monkeypatch):

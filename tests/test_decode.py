@@ -14,7 +14,7 @@ import kvkernels
 from kvkernels import reference, triton_decode
 from kvkernels._validate import check_decode_inputs
 from conftest import DEVICE, kernel_backends
-from helpers import TOLERANCE, make_problem, nan_output
+from helpers import TOLERANCE, dense_attention_fp64, make_problem, nan_output
 
 BACKENDS = kernel_backends()
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
@@ -281,3 +281,47 @@ def test_triton_kernels_pass_compute_sanitizer_memcheck(tmp_path):
     output = result.stdout + result.stderr
     assert result.returncode == 0 and "sanitized run done" in output, output[-6000:]
     assert "ERROR SUMMARY: 0 errors" in output, output[-6000:]
+
+
+def poison_before(p, starts):
+    """NaN in every page slot before each sequence's window start: a kernel that reads one returns NaN."""
+    block_size = p.k_cache.shape[1]
+    for seq, start in enumerate(starts):
+        for pos in range(start):
+            block = int(p.block_tables[seq, pos // block_size])
+            p.k_cache[block, pos % block_size] = float("nan")
+            p.v_cache[block, pos % block_size] = float("nan")
+
+
+@pytest.mark.parametrize("fold", [False, True], ids=["merge-launch", "merge-folded"])
+@pytest.mark.parametrize("num_splits", [1, 2, 3])
+@pytest.mark.parametrize("group", [1, 4])
+def test_sliding_window_reads_only_the_window(num_splits, group, fold):
+    """seq_starts: each query sees tokens [start, len); the pages before the start hold NaN and are never read."""
+    lens, starts = [1, 37, 70, 90], [0, 30, 5, 89]
+    p = make_problem(lens, num_heads=2 * group, num_kv_heads=2, head_dim=64, block_size=8, device=DEVICE)
+    poison_before(p, starts)
+    seq_starts = torch.tensor(starts, dtype=torch.int32, device=DEVICE)
+    expected = dense_attention_fp64(p.q, [k[s:] for k, s in zip(p.k_rows, starts)],
+                                    [v[s:] for v, s in zip(p.v_rows, starts)], 64 ** -0.5)
+    reference_out = reference.paged_decode_attention(*p.args(), seq_starts=seq_starts)
+    out = nan_output(p.q)
+    counters = zero_counters(p) if fold else None
+    triton_decode.paged_decode_attention(*p.args(), check_decode_inputs(*p.args()), 64 ** -0.5, out,
+                                         num_splits=num_splits, min_split_tokens=16, seq_starts=seq_starts,
+                                         split_counters=counters)
+    check_counters_left_zero(counters)
+    for got in (reference_out, out, run_backend(p, "auto", seq_starts=seq_starts)):
+        assert not got.isnan().any()
+        torch.testing.assert_close(got.double(), expected, rtol=2e-5, atol=2e-5)
+
+
+def test_sliding_window_starts_are_checked():
+    p = make_problem([5, 9], device=DEVICE)
+    with pytest.raises(ValueError, match=r"seq_starts\[1\] = 9"):
+        kvkernels.paged_decode_attention(*p.args(), seq_starts=torch.tensor([0, 9], dtype=torch.int32, device=DEVICE))
+    with pytest.raises(TypeError, match="seq_starts"):
+        kvkernels.paged_decode_attention(*p.args(), seq_starts=torch.tensor([0, 1], device=DEVICE))
+    with pytest.raises(ValueError, match="CUDA backend has no seq_starts"):
+        kvkernels.paged_decode_attention(*p.args(), backend="cuda",
+                                         seq_starts=torch.tensor([0, 1], dtype=torch.int32, device=DEVICE))

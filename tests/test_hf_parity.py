@@ -13,7 +13,7 @@ from transformers import DynamicCache
 import helpers
 import kvkernels
 from conftest import DEVICE
-from kvkernels.hf_cache import PagedGPT2Cache
+from kvkernels.hf import PagedCache
 
 padded_batch = functools.partial(helpers.padded_batch, device=DEVICE)
 
@@ -106,7 +106,7 @@ def prompt_lookup(model, assistant):
 def manual_loop_changing_masks(model, assistant):
     """A hand-written decode loop that hides an earlier token, then a new padding column, then a 2-token step."""
     ids, mask = padded_batch()
-    cache = None if kvkernels.hf_patch.is_patched(model) else DynamicCache()
+    cache = None if kvkernels.hf.is_patched(model) else DynamicCache()
     logits = []
     with torch.no_grad():
         out = model(ids, attention_mask=mask, past_key_values=cache)
@@ -135,7 +135,7 @@ def forward_all_positions(model, assistant):
 def _input_gradient(model, backend):
     """Saliency with frozen weights: the gradient of one logit with respect to the input embeddings."""
     ids, _ = padded_batch(prompt_lens=(7,))
-    if kvkernels.hf_patch.is_patched(model):
+    if kvkernels.hf.is_patched(model):
         kvkernels.patch(model, backend=backend)       # options only; the test unpatches afterwards
     model.requires_grad_(False)
     try:
@@ -210,8 +210,8 @@ def test_patched_model_is_hf(name, models, monkeypatch):
     model, assistant = models
     expected = case(model, assistant)
     calls = []
-    original = PagedGPT2Cache.attend
-    monkeypatch.setattr(PagedGPT2Cache, "attend", lambda cache, *a, **k: calls.append(1) or original(cache, *a, **k))
+    original = PagedCache.attend
+    monkeypatch.setattr(PagedCache, "attend", lambda cache, *a, **k: calls.append(1) or original(cache, *a, **k))
     targets = {"main": [model], "assistant": [assistant], "both": [model, assistant]}[patched_which]
     for target in targets:
         kvkernels.patch(target, backend="torch")

@@ -11,8 +11,7 @@ import helpers
 import kvkernels
 from conftest import DEVICE, kernel_backends
 from helpers import make_gpt2
-from kvkernels.hf_cache import PagedGPT2Cache
-from kvkernels.hf_patch import is_patched
+from kvkernels.hf import PagedCache, is_patched
 
 BACKENDS = kernel_backends()
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 2e-2}
@@ -26,12 +25,12 @@ class AttendCounter:
 
     def __init__(self, monkeypatch):
         self.calls = 0
-        original = PagedGPT2Cache.attend
+        original = PagedCache.attend
 
         def counting(cache, *args, **kwargs):
             self.calls += 1
             return original(cache, *args, **kwargs)
-        monkeypatch.setattr(PagedGPT2Cache, "attend", counting)
+        monkeypatch.setattr(PagedCache, "attend", counting)
 
 
 def teacher_forced_logits(model, ids, mask, steps):
@@ -61,7 +60,7 @@ def test_teacher_forced_logits_match_hf_eager(backend, dtype, monkeypatch):
     counter = AttendCounter(monkeypatch)
     with kvkernels.patched(model, backend=backend, block_size=4):
         got, cache = teacher_forced_logits(model, ids, mask, steps)
-    assert isinstance(cache, PagedGPT2Cache) and counter.calls == 2 * (1 + len(steps))
+    assert isinstance(cache, PagedCache) and counter.calls == 2 * (1 + len(steps))
     assert cache.pool.num_blocks > 3 * 3, "the pool should have grown past the 3 x 3 blocks of the prompt step"
     assert [cache.pool.seq_len(s) for s in range(3)] == [n + 11 for n in (9, 5, 7)]  # padding never stored
     real = mask.bool()
@@ -115,8 +114,8 @@ def test_beam_search_matches_hf(monkeypatch):
     expected = model.generate(ids, **kwargs)
     counter = AttendCounter(monkeypatch)
     reorders = []
-    original = PagedGPT2Cache.reorder_cache
-    monkeypatch.setattr(PagedGPT2Cache, "reorder_cache",
+    original = PagedCache.reorder_cache
+    monkeypatch.setattr(PagedCache, "reorder_cache",
                         lambda cache, beam_idx: reorders.append(beam_idx) or original(cache, beam_idx))
     with kvkernels.patched(model, backend="torch"):
         got = model.generate(ids, **kwargs)
@@ -152,7 +151,7 @@ def test_second_generate_continues_from_returned_cache():
     assert isinstance(expected_cache, DynamicCache)
     with kvkernels.patched(model, backend="torch"):
         cache, got = two_calls()
-    assert isinstance(cache, PagedGPT2Cache)
+    assert isinstance(cache, PagedCache)
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
@@ -161,11 +160,11 @@ def test_unpatch_restores_exactly_and_patch_is_idempotent():
     modules = [model, model.transformer] + [block.attn for block in model.transformer.h]
     before = [dict(m.__dict__) for m in modules]
     kvkernels.patch(model)
-    assert model.transformer.h[0].attn.forward.__func__ is not type(model.transformer.h[0].attn).forward
+    assert model.transformer.forward.__func__ is not type(model.transformer).forward
     once = [dict(m.__dict__) for m in modules]
     assert kvkernels.patch(model, backend="torch") is model
     assert [set(d) for d in once] == [set(m.__dict__) for m in modules]
-    assert model.transformer.h[0].attn.forward.__func__ is once[2]["forward"].__func__  # not wrapped twice
+    assert model.transformer.forward.__func__ is once[1]["forward"].__func__  # not wrapped twice
     assert kvkernels.unpatch(model) is model
     for module, saved in zip(modules, before):
         assert set(module.__dict__) == set(saved)
@@ -219,12 +218,12 @@ def test_cache_dtype_and_pool_freed_after_generate(monkeypatch):
     steps = [torch.full((3, 1), t, device=DEVICE) for t in (5, 77, 200)]
     expected, _ = teacher_forced_logits(model, ids, mask, steps)
     caches = []
-    original = PagedGPT2Cache.begin_step
+    original = PagedCache.begin_step
 
     def recording(cache, *args, **kwargs):
         caches.append(weakref.ref(cache))
         return original(cache, *args, **kwargs)
-    monkeypatch.setattr(PagedGPT2Cache, "begin_step", recording)
+    monkeypatch.setattr(PagedCache, "begin_step", recording)
     gc.disable()                                    # the pools must be freed by reference counting alone
     try:
         with kvkernels.patched(model, backend="torch", cache_dtype=torch.bfloat16):
@@ -248,7 +247,7 @@ def test_gpt2_model_without_head():
         expected = model(ids, attention_mask=mask).last_hidden_state
         with kvkernels.patched(model, backend="torch"):
             out = model(ids, attention_mask=mask)
-    assert isinstance(out.past_key_values, PagedGPT2Cache)
+    assert isinstance(out.past_key_values, PagedCache)
     real = mask.bool()
     torch.testing.assert_close(out.last_hidden_state[real], expected[real], atol=1e-5, rtol=1e-5)
 
@@ -272,7 +271,7 @@ def test_output_attentions_and_training_fall_back(monkeypatch):
         model.eval()
         assert counter.calls == 0
         with pytest.raises(ValueError, match="output_attentions"), torch.no_grad():
-            model(ids, attention_mask=mask, past_key_values=PagedGPT2Cache(model.config), output_attentions=True)
+            model(ids, attention_mask=mask, past_key_values=PagedCache(model.config), output_attentions=True)
     assert isinstance(got.past_key_values, DynamicCache) and len(got.attentions) == 2
     for have, want in zip(got.attentions, expected.attentions):
         torch.testing.assert_close(have, want, rtol=0, atol=0)
@@ -428,7 +427,7 @@ def test_left_padding_positions_match_the_attention_implementation(implementatio
         expected = model(ids, attention_mask=mask, labels=ids)
         with kvkernels.patched(model, backend="torch"):
             got = model(ids, attention_mask=mask, labels=ids)
-    assert isinstance(got.past_key_values, PagedGPT2Cache)
+    assert isinstance(got.past_key_values, PagedCache)
     torch.testing.assert_close(got.logits, expected.logits, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(got.loss, expected.loss, atol=1e-5, rtol=1e-5)
 
@@ -457,7 +456,7 @@ def test_cache_layers_show_hf_keys_and_survive_unpatch():
     expected, hf_cache, _ = run(DynamicCache())
     kvkernels.patch(model, backend="torch")
     got, cache, keys = run(None, unpatch_after_prompt=True)
-    assert isinstance(cache, PagedGPT2Cache) and cache.get_seq_length() == hf_cache.get_seq_length()
+    assert isinstance(cache, PagedCache) and cache.get_seq_length() == hf_cache.get_seq_length()
     real = mask.bool()
     for (k, v), layer in zip(keys, prompt_cache.layers):
         assert k.shape == layer.keys.shape                           # [B, H, seen, D], HF's padded layout

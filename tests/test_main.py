@@ -44,8 +44,8 @@ def one_line_error(capsys, argv):
 
 
 def test_help_explains_every_flag():
-    flags = ["--model", "--tokenizer", "--prompt", "--max-new-tokens", "--repeats", "--batch-size", "--dtype",
-             "--device", "--backend", "--block-size", "--do-sample", "--temperature", "--top-k", "--top-p",
+    flags = ["--model", "--model-type", "--tokenizer", "--prompt", "--max-new-tokens", "--repeats", "--batch-size",
+             "--dtype", "--device", "--backend", "--block-size", "--do-sample", "--temperature", "--top-k", "--top-p",
              "--repetition-penalty", "--no-cuda-graph", "--skip-no-cache", "--seed"]
     out = subprocess.run([sys.executable, "-m", "kvkernels", "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0
@@ -74,6 +74,18 @@ def test_says_what_it_runs_and_every_method_agrees(capsys):
         assert 0 < low <= median <= high and ms > 0
     warm = re.search(r"^warm-up runs, not in the numbers above .*: (.*)$", out, re.M).group(1)
     assert all(re.search(rf"{re.escape(name)} [\d.]+ s", warm) for name in METHODS)
+
+
+@pytest.mark.parametrize("model_type, heads", [("llama", r"4 heads \(2 KV heads\)"), ("qwen2", r"4 heads \(1 KV heads\)")])
+def test_rotary_grouped_query_families_agree(model_type, heads, capsys):
+    assert demo.main(["--device", "cpu", "--model-type", model_type, "--max-new-tokens", "3", "--repeats", "1",
+                      "--skip-no-cache"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(rf"^model: +{demo.FAMILY_NAMES[model_type]}, 2 layers x {heads} x 32 dims", out, re.M), out
+    table = rows(out)
+    assert list(table) == METHODS[1:]
+    for name in METHODS[2:]:
+        assert table[name].rstrip().endswith("yes"), table[name]
 
 
 @needs_gpt2_bpe

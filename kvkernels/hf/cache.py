@@ -1,39 +1,67 @@
-"""PagedGPT2Cache: a Hugging Face `Cache` whose keys and values live in a kvkernels.PagedKVCache.
+"""PagedCache: a Hugging Face `Cache` whose keys and values live in a kvkernels.PagedKVCache.
 
-HF's generate loop and GPT2Model ask a cache for lengths (get_seq_length, get_mask_sizes), beam reordering and,
-for assisted decoding, `crop`; the patched GPT2Attention (kvkernels.hf_patch) does the writing and the attention.
-Each sequence stores only its real tokens: left padding and any masked column never reach the pool. The cache
-remembers which columns each sequence stored (`columns`), so that a later mask may hide a stored column
-(honoured exactly), `crop` knows what to drop, and `layers[i].keys` / `.values` can show HF's padded layout.
+HF's generate loop and the decoder model ask a cache for lengths (get_seq_length, get_mask_sizes), beam reordering and,
+for assisted decoding, `crop`. During a step that kvkernels.patch opened, each attention layer's `update` passes the new
+keys and values through untouched and the "kvkernels" attention function (kvkernels.hf.attention) calls `attend`, which
+writes them and attends. Each sequence stores only its real tokens: left padding and any masked column never reach the
+pool. The cache remembers which columns each sequence stored (`columns`), so that a later mask may hide a stored column
+(honoured exactly), `crop` knows what to drop, sliding windows count columns as HF does, and `layers[i].keys` /
+`.values` can show HF's padded layout.
 
-Per forward call (a "step"), hf_patch calls `begin_step` with the step's 2D mask; the cache reserves the
-new real tokens' slots on the host, then each layer's `attend` writes the new K/V with
-kvkernels.write_kv_cache and attends:
-    * one real token per sequence, nothing hidden -> kvkernels.paged_decode_attention over the pages;
-    * anything else (prompt, continuation, padding, hidden columns) -> gather the sequences' pages and run
-      SDPA with a per-query mask, which is HF's causal-and-padding mask over the unpadded layout.
+Per forward call (a "step"), the patch calls `begin_step` with the step's 2D mask; the cache reserves the new real
+tokens' slots on the host, then each layer's `attend` writes the new K/V with kvkernels.write_kv_cache and attends:
+    * one real token per sequence, nothing hidden -> kvkernels.paged_decode_attention over the pages (grouped-query
+      heads read their shared KV head); under a sliding window the kernel starts each sequence at its first token
+      inside the window and never reads the pages before it;
+    * anything else (prompt, continuation, padding, hidden columns) -> gather the sequences' pages and run SDPA with
+      a per-query mask: HF's causal, padding and sliding-window mask over the unpadded layout.
 A query that sees no token at all (a left-padding position) gets what the model's attention implementation
 gives there: zeros for sdpa (torch >= 2.5), the mean of the step's values for eager (exact when no earlier
 call had padding: padding K/V are never stored).
 
 What it does not do of HF's Cache contract: offloading, static shapes / torch.compile (is_compileable is
-False), sliding windows; padding columns read back through `keys` / `values` are zeros.
+False); padding columns read back through `keys` / `values` are zeros. One (KV heads, head dim) for every layer.
 """
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .cache import CacheFullError, PagedKVCache
-from .gpt2_common import blocks_for
-from .ops import paged_decode_attention, resolve_backend, write_kv_cache
-from .reference import gather_kv
+from ..cache import CacheFullError, PagedKVCache
+from ..gpt2_common import blocks_for
+from ..ops import paged_decode_attention, resolve_backend, write_kv_cache
+from ..reference import gather_kv
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_positions: int
+    max_positions_name: str     # what the config calls it (GPT-2: n_positions), for error messages
+
+
+def attention_shape(config) -> AttentionShape:
+    """The decoder's attention sizes from its (text) config, or a ValueError naming what the config lacks."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    missing = [name for name in ("num_hidden_layers", "num_attention_heads", "hidden_size", "max_position_embeddings")
+               if getattr(text, name, None) is None]
+    if missing:
+        raise ValueError(f"kvkernels cannot size a paged cache for {type(config).__name__}: its config has no "
+                         f"{', '.join(missing)}")
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    name = getattr(text, "attribute_map", {}).get("max_position_embeddings", "max_position_embeddings")
+    return AttentionShape(text.num_hidden_layers, heads, kv_heads, head_dim, text.max_position_embeddings, name)
 
 
 class _PagedLayer(CacheLayerMixin):
-    """Per-layer view HF's Cache machinery expects; every answer comes from the owning PagedGPT2Cache."""
+    """Per-layer view HF's Cache machinery expects; every answer comes from the owning PagedCache."""
 
     is_sliding = False
     is_compileable = False
@@ -59,7 +87,7 @@ class _PagedLayer(CacheLayerMixin):
         return self._owner().logical_kv(self.layer_idx, values=True)
 
     def lazy_initialization(self, key_states, value_states):
-        raise RuntimeError("PagedGPT2Cache layers are never initialised by HF code")
+        raise RuntimeError("PagedCache layers are never initialised by HF code")
 
     def update(self, key_states, value_states, *args, **kwargs):
         return self._owner().update(key_states, value_states, self.layer_idx)
@@ -74,10 +102,10 @@ class _PagedLayer(CacheLayerMixin):
         return -1
 
     def offload(self):
-        raise NotImplementedError("PagedGPT2Cache does not offload")
+        raise NotImplementedError("PagedCache does not offload")
 
     def prefetch(self):
-        raise NotImplementedError("PagedGPT2Cache does not offload")
+        raise NotImplementedError("PagedCache does not offload")
 
 
 @dataclass
@@ -85,15 +113,21 @@ class _Step:
     num_new: int                 # T, new columns in this forward
     slot_mapping: torch.Tensor   # int64 [B * T], -1 for padding tokens
     decode: bool                 # every sequence adds exactly one real token and no stored column is hidden
-    attn_mask: torch.Tensor      # bool [B, 1, T, L] (extend steps only): key l visible to query t
-    blind: torch.Tensor          # bool [B, T, 1, 1] (extend steps only): queries that see no key at all
+    visible: torch.Tensor        # int64 [B, T] on the host: stored tokens query t may see (its own included)
+    hidden_keys: torch.Tensor    # bool [B, L] on the host, or None: stored tokens the mask hides in this step
     new_real: torch.Tensor       # bool [B, T] on the host: which new columns are stored
     table_blocks: int            # block-table columns covering the longest sequence after the step
     lens_before: list            # host lengths before the step, to roll back on failure
+    masks: dict = field(default_factory=dict)      # window -> (attn_mask [B, 1, T, L], blind [B, T, 1, 1])
+    starts: dict = field(default_factory=dict)     # window -> int64 [B, T] first stored token seen, or None
+    decode_starts: dict = field(default_factory=dict)  # window -> the same for a decode step: int32 [B] on the device
+    updated: set = field(default_factory=set)      # layers whose `update` passed K/V through in this step
+    attended: set = field(default_factory=set)     # layers `attend` served in this step
 
 
-class PagedGPT2Cache(Cache):
-    """Paged K/V for the layers of one GPT-2, for `num_seqs` sequences (fixed by the first step).
+class PagedCache(Cache):
+    """Paged K/V for the attention layers of one Hugging Face decoder, for `num_seqs` sequences (fixed by the first
+    step). `config`: the model's config (any decoder kvkernels.patch serves: GPT-2, Llama, Mistral, Qwen2/3, Phi3, ...).
 
     `max_tokens` fixes the pool (CacheFullError past it); otherwise the pool starts at `planned_tokens`
     (or what the first step needs) and doubles when a step needs more. get_seq_length() is HF's notion
@@ -102,11 +136,14 @@ class PagedGPT2Cache(Cache):
     """
 
     def __init__(self, config, *, num_seqs=None, planned_tokens=None, max_tokens=None, block_size=16,
-                 backend="auto", cache_dtype=None):
-        super().__init__(layers=[_PagedLayer(self, i) for i in range(config.n_layer)])
-        self.num_layers, self.num_heads = config.n_layer, config.n_head
-        self.head_dim = config.n_embd // config.n_head
-        self.max_positions = config.n_positions
+                 backend="auto", cache_dtype=None, position_limit=None):
+        shape = attention_shape(config)
+        super().__init__(layers=[_PagedLayer(self, i) for i in range(shape.num_layers)])
+        self.num_layers, self.num_heads, self.num_kv_heads = shape.num_layers, shape.num_heads, shape.num_kv_heads
+        self.head_dim = shape.head_dim
+        # A learned position table (GPT-2's wpe) caps a sequence; rotary models have no cap, so the block table then
+        # spans the whole pool and widens as it grows.
+        self.position_limit = position_limit
         self.eager_padding_rows = getattr(config, "_attn_implementation", None) == "eager"
         self.num_seqs, self.planned_tokens, self.max_tokens = num_seqs, planned_tokens, max_tokens
         self.block_size, self.backend, self.cache_dtype = block_size, backend, cache_dtype
@@ -169,19 +206,21 @@ class PagedGPT2Cache(Cache):
         pool = self.pool
         pages = (pool.v_pools if values else pool.k_pools)[layer]
         lens = [pool.seq_len(s) for s in range(self.num_seqs)]
-        rows = pages.view(-1, self.num_heads, self.head_dim).index_select(0, self._slots_of(pool, range(self.num_seqs),
-                                                                                            lens))
-        out = pages.new_zeros(self.num_seqs, self.seen_tokens, self.num_heads, self.head_dim)
+        slots = self._slots_of(pool, range(self.num_seqs), lens)
+        rows = pages.view(-1, self.num_kv_heads, self.head_dim).index_select(0, slots)
+        out = pages.new_zeros(self.num_seqs, self.seen_tokens, self.num_kv_heads, self.head_dim)
         out[self.columns.to(pool.device)] = rows                 # row-major order = sequence by sequence
         return out.transpose(1, 2)
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
-        """HF's own attention writing into this cache (the model was unpatched after the cache was made): every
-        new column is stored. key_states, value_states: [B, H, T, D]. Returns the keys and values of every column
+        """Inside a kvkernels step: returns the new states as they are (`attend` stores them). Otherwise HF's own
+        attention writing into this cache (the model was unpatched after the cache was made): every new column is
+        stored. key_states, value_states: [B, H, T, D]. Returns the keys and values of every column
         so far, [B, H, seen, D], as DynamicCache does."""
         if self.step is not None:
-            raise RuntimeError("PagedGPT2Cache is written by the attention that kvkernels.patch(model) installs, but "
-                               "this model's attention is not patched: call kvkernels.patch(model) on the whole model")
+            # A step kvkernels.patch opened: the "kvkernels" attention function writes and attends (`attend`).
+            self.step.updated.add(layer_idx)
+            return key_states, value_states
         batch, _, num_new, _ = key_states.shape
         if layer_idx == 0:          # HF runs the layers in order: layer 0 opens the step
             if self.pool is None:
@@ -190,8 +229,8 @@ class PagedGPT2Cache(Cache):
             self.seen_tokens += num_new
             self._append_columns(torch.ones(batch, num_new, dtype=torch.bool))
         pool = self.pool
-        write_kv_cache(key_states.transpose(1, 2).reshape(-1, self.num_heads, self.head_dim).to(pool.dtype),
-                       value_states.transpose(1, 2).reshape(-1, self.num_heads, self.head_dim).to(pool.dtype),
+        write_kv_cache(key_states.transpose(1, 2).reshape(-1, self.num_kv_heads, self.head_dim).to(pool.dtype),
+                       value_states.transpose(1, 2).reshape(-1, self.num_kv_heads, self.head_dim).to(pool.dtype),
                        pool.k_pools[layer_idx], pool.v_pools[layer_idx], self._hf_step_slots, backend=self.backend,
                        validate=False)
         return (self.logical_kv(layer_idx, values=False).to(key_states.dtype),
@@ -203,9 +242,10 @@ class PagedGPT2Cache(Cache):
         return None if self.pool is None else self.pool.memory()
 
     def _new_pool(self, num_seqs, num_blocks, dtype, device):
-        return PagedKVCache(self.num_layers, self.num_heads, self.head_dim, max_batch_size=num_seqs,
+        return PagedKVCache(self.num_layers, self.num_kv_heads, self.head_dim, max_batch_size=num_seqs,
                             num_blocks=num_blocks, block_size=self.block_size,
-                            max_blocks_per_seq=blocks_for(self.max_positions, self.block_size),
+                            max_blocks_per_seq=blocks_for(self.position_limit or num_blocks * self.block_size,
+                                                          self.block_size),
                             dtype=dtype, device=device, backend=self.backend)
 
     def _allocate(self, num_seqs, num_tokens_first_step, dtype, device):
@@ -244,14 +284,19 @@ class PagedGPT2Cache(Cache):
         for layer in range(self.num_layers):
             for new_pages, old_pages in ((new.k_pools[layer], old.k_pools[layer]),
                                          (new.v_pools[layer], old.v_pools[layer])):
-                rows = old_pages.view(-1, self.num_heads, self.head_dim).index_select(0, src)
-                new_pages.view(-1, self.num_heads, self.head_dim).index_copy_(0, dst, rows)
+                rows = old_pages.view(-1, self.num_kv_heads, self.head_dim).index_select(0, src)
+                new_pages.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, dst, rows)
         self.pool, self.num_seqs = new, len(source_seqs)
         if self.columns is not None:
             self.columns = self.columns[source_seqs]
 
     def _reserve(self, counts):
+        lens = [self.pool.seq_len(s) for s in range(self.num_seqs)]
+        needed = [blocks_for(n + c, self.block_size) for n, c in zip(lens, counts)]
         try:
+            if max(needed) > self.pool.max_blocks_per_seq and self.position_limit is None:
+                # The table spans the pool: a sequence outgrowing it outgrows the pool.
+                raise CacheFullError(max(needed), self.pool.allocator.num_free, self.pool.num_blocks)
             return self.pool.reserve(range(self.num_seqs), counts)
         except CacheFullError as err:
             if self.max_tokens is not None:
@@ -259,9 +304,7 @@ class PagedGPT2Cache(Cache):
                             f"{self.pool.num_blocks * self.block_size} tokens; raise max_tokens, or leave it None to "
                             "size the pool from the batch and max_new_tokens)",)
                 raise
-        lens = [self.pool.seq_len(s) for s in range(self.num_seqs)]
-        total = sum(blocks_for(n + c, self.block_size) for n, c in zip(lens, counts))
-        self._rebuild(list(range(self.num_seqs)), lens, num_blocks=max(2 * self.pool.num_blocks, total))
+        self._rebuild(list(range(self.num_seqs)), lens, num_blocks=max(2 * self.pool.num_blocks, sum(needed)))
         return self.pool.reserve(range(self.num_seqs), counts)
 
     # -- one forward call ---------------------------------------------------------------------
@@ -276,7 +319,7 @@ class PagedGPT2Cache(Cache):
         if self.pool is None:
             self._allocate(batch, num_new, dtype, device)
         elif batch != self.num_seqs:
-            raise ValueError(f"this PagedGPT2Cache holds {self.num_seqs} sequences but the input has batch {batch}")
+            raise ValueError(f"this PagedCache holds {self.num_seqs} sequences but the input has batch {batch}")
         if torch.device(device) != self.pool.device:
             raise ValueError(f"the cache lives on {self.pool.device} but the input is on {device}")
         seen = self.seen_tokens
@@ -307,26 +350,25 @@ class PagedGPT2Cache(Cache):
             slots = full.masked_scatter_(new_real.reshape(-1).to(slots.device), slots)
         decode = num_new == 1 and all_real and hidden is None
         # Only the table columns the longest sequence uses: the kernels' work (and Triton's split count)
-        # then follows the actual lengths, not n_positions.
+        # then follows the actual lengths, not the model's maximum.
         table_blocks = max(blocks_for(max(n + c for n, c in zip(lens_before, counts)), self.block_size), 1)
-        attn_mask = blind = None
-        if not decode:
-            # Query t of sequence b sees the stored tokens up to and including its column (its length so far),
-            # less the stored columns the mask hides now.
-            visible = torch.tensor(lens_before)[:, None] + new_real.long().cumsum(1)                 # [B, T]
-            keys = torch.arange(table_blocks * self.block_size)
-            host_mask = keys[None, None, :] < visible[:, :, None]                                    # [B, T, L]
-            if hidden is not None:
-                hidden_keys = torch.zeros(batch, keys.numel(), dtype=torch.bool)
-                for row in range(batch):
-                    stored = hidden[row][self.columns[row]]          # the hidden flags of row's stored tokens
-                    hidden_keys[row, :stored.numel()] = stored
-                host_mask &= ~hidden_keys[:, None, :]
-            attn_mask = host_mask[:, None].to(self.pool.device)                                      # [B, 1, T, L]
-            blind = (~host_mask.any(-1))[:, :, None, None].to(self.pool.device)                      # [B, T, 1, 1]
-        self.step = _Step(num_new, slots, decode, attn_mask, blind, new_real, table_blocks, lens_before)
+        # Query t of sequence b sees the stored tokens up to and including its column (its length so far).
+        visible = torch.tensor(lens_before)[:, None] + new_real.long().cumsum(1)                     # [B, T]
+        hidden_keys = None
+        if hidden is not None:
+            hidden_keys = torch.zeros(batch, table_blocks * self.block_size, dtype=torch.bool)
+            for row in range(batch):
+                stored = hidden[row][self.columns[row]]              # the hidden flags of row's stored tokens
+                hidden_keys[row, :stored.numel()] = stored
+        self.step = _Step(num_new, slots, decode, visible, hidden_keys, new_real, table_blocks, lens_before)
 
     def end_step(self):
+        skipped = sorted(self.step.updated - self.step.attended)
+        if skipped:
+            self.abort_step()
+            raise RuntimeError(f"attention layer(s) {skipped} updated the paged cache but did not call transformers' "
+                               "attention function (ALL_ATTENTION_FUNCTIONS): kvkernels cannot serve this model's "
+                               "attention; call kvkernels.unpatch(model)")
         self.seen_tokens += self.step.num_new
         self._append_columns(self.step.new_real)
         self.step = None
@@ -342,38 +384,92 @@ class PagedGPT2Cache(Cache):
 
     # -- what the patched attention calls, layer by layer -------------------------------------
 
-    def attend(self, layer: int, query, key, value, scale: float, upcast: bool):
+    def window_starts(self, window):
+        """int64 [B, T] on the host: the first stored token query t of each sequence sees under HF's sliding window of
+        `window` columns (key column > query column - window, padding columns counted), or None when the window
+        hides no stored token in this step."""
+        step = self.step
+        if window is None:
+            return None
+        if window not in step.starts:
+            stored = torch.cat([self.columns, step.new_real], dim=1) if self.columns is not None else step.new_real
+            stored_before = torch.cat([torch.zeros(stored.shape[0], 1, dtype=torch.long), stored.long().cumsum(1)], 1)
+            first_column = (self.seen_tokens + torch.arange(step.num_new) - window + 1).clamp(min=0)          # [T]
+            starts = stored_before[:, first_column]                                                        # [B, T]
+            step.starts[window] = starts if bool(starts.any()) else None
+        return step.starts[window]
+
+    def _decode_starts(self, window):
+        """int32 [B] on the pool's device: each sequence's first stored token inside `window` for a decode step, or
+        None when the window hides nothing."""
+        step = self.step
+        if window not in step.decode_starts:
+            starts = self.window_starts(window)
+            step.decode_starts[window] = None if starts is None else starts[:, 0].to(self.pool.device, torch.int32)
+        return step.decode_starts[window]
+
+    def _mask(self, window):
+        """(attn_mask bool [B, 1, T, L], blind bool [B, T, 1, 1]) on the pool's device for this step's queries."""
+        step = self.step
+        if window not in step.masks:
+            keys = torch.arange(step.table_blocks * self.block_size)
+            host_mask = keys[None, None, :] < step.visible[:, :, None]                                 # [B, T, L]
+            starts = self.window_starts(window)
+            if starts is not None:
+                host_mask &= keys[None, None, :] >= starts[:, :, None]
+            if step.hidden_keys is not None:
+                host_mask &= ~step.hidden_keys[:, None, :]
+            device = self.pool.device
+            step.masks[window] = (host_mask[:, None].to(device), (~host_mask.any(-1))[:, :, None, None].to(device))
+        return step.masks[window]
+
+    # -- what the "kvkernels" attention function calls, layer by layer ------------------------
+
+    def attend(self, layer: int, query, key, value, scale: float, upcast: bool = False, window: int = None):
         """Writes this step's key/value and returns the attention output.
 
-        query, key, value: [B, T, H, D] in the model's dtype. Returns [B, T, H, D] in query's dtype.
+        query: [B, T, H, D], key, value: [B, T, H_kv, D], in the model's dtype. window: HF's sliding window (columns)
+        of this layer, or None. upcast: softmax in fp32 (GPT-2's reorder_and_upcast_attn under eager).
+        Returns [B, T, H, D] in query's dtype.
         """
         step = self.step
         if step is None or step.num_new != query.shape[1]:
-            raise RuntimeError("PagedGPT2Cache used outside a forward prepared by kvkernels.patch: call the patched "
-                               "model (or its .transformer), not its attention modules directly")
+            raise RuntimeError("PagedCache used outside a forward prepared by kvkernels.patch: call the patched "
+                               "model, not its attention modules directly")
         batch, num_new, heads, dim = query.shape
+        if tuple(key.shape[2:]) != (self.num_kv_heads, self.head_dim):
+            raise ValueError(f"layer {layer} gives {key.shape[2]} key/value heads of dim {key.shape[3]}, but the cache "
+                             f"was sized from the config for {self.num_kv_heads} of dim {self.head_dim}")
+        step.attended.add(layer)
         pool = self.pool
         k_pages, v_pages = pool.k_pools[layer], pool.v_pools[layer]
-        write_kv_cache(key.reshape(batch * num_new, heads, dim).to(pool.dtype),
-                       value.reshape(batch * num_new, heads, dim).to(pool.dtype),
+        write_kv_cache(key.reshape(batch * num_new, self.num_kv_heads, dim).to(pool.dtype),
+                       value.reshape(batch * num_new, self.num_kv_heads, dim).to(pool.dtype),
                        k_pages, v_pages, step.slot_mapping, backend=self.backend, validate=False)
         tables, lens = pool.block_tables[:batch, :step.table_blocks], pool.seq_lens[:batch]
         if step.decode:
+            starts = self._decode_starts(window)
+            # The CUDA kernel has no window start; Triton runs wherever CUDA does.
+            backend = "triton" if starts is not None and self.backend == "cuda" else self.backend
             out = paged_decode_attention(query.reshape(batch, heads, dim).to(pool.dtype), k_pages, v_pages, tables,
-                                         lens, scale=scale, backend=self.backend, validate=False)  # [B, H, D]
+                                         lens, scale=scale, backend=backend, validate=False,
+                                         seq_starts=starts)                                   # [B, H, D]
             return out.to(query.dtype).view(batch, 1, heads, dim)
-        keys, _ = gather_kv(k_pages, tables, lens)                                              # [B, L, H, D]
-        values, valid = gather_kv(v_pages, tables, lens)
+        attn_mask, blind = self._mask(window)
+        group = heads // self.num_kv_heads
+        keys, _ = gather_kv(k_pages, tables, lens)                                              # [B, L, H_kv, D]
+        values, _ = gather_kv(v_pages, tables, lens)
         compute = torch.float32 if upcast else query.dtype
         # A query that sees nothing gets 0 from SDPA (torch >= 2.5), as under HF's sdpa.
-        out = F.scaled_dot_product_attention(query.transpose(1, 2).to(compute), keys.transpose(1, 2).to(compute),
-                                             values.transpose(1, 2).to(compute), attn_mask=step.attn_mask,
-                                             scale=scale).transpose(1, 2)                       # [B, T, H, D]
+        out = F.scaled_dot_product_attention(query.transpose(1, 2).to(compute),
+                                             keys.repeat_interleave(group, dim=2).transpose(1, 2).to(compute),
+                                             values.repeat_interleave(group, dim=2).transpose(1, 2).to(compute),
+                                             attn_mask=attn_mask, scale=scale).transpose(1, 2)  # [B, T, H, D]
         if self.eager_padding_rows:
             # HF eager adds the dtype's minimum to every masked score: a row that sees nothing is uniform over
             # all seen + T columns. The stored ones plus this step's padding columns (earlier padding is not stored).
             padding = ~step.new_real.to(value.device)                                           # [B, T]
-            total = values.sum(1) + (value * padding[:, :, None, None]).sum(1)                  # [B, H, D]
-            mean = (total / (self.seen_tokens + num_new)).to(out.dtype)
-            out = torch.where(step.blind, mean[:, None], out)
+            total = values.sum(1) + (value * padding[:, :, None, None]).sum(1)                  # [B, H_kv, D]
+            mean = (total / (self.seen_tokens + num_new)).to(out.dtype).repeat_interleave(group, dim=1)
+            out = torch.where(blind, mean[:, None], out)
         return out.to(query.dtype)

@@ -1,20 +1,20 @@
-"""kvkernels.patch(model): serve a Hugging Face GPT-2's KV cache from kvkernels' paged pool.
+"""kvkernels.patch(model): serve a Hugging Face decoder's KV cache from kvkernels' paged pool.
 
-Three per-instance hooks (the classes are never touched; unpatch deletes them again). Each keeps the original
-method's `inspect.signature` (HF's tests and the Trainer read it):
-    * each GPT2Attention's `forward`: when the call's cache is a PagedGPT2Cache, write K/V into the pool and
-      attend with kvkernels (decode kernel for one token per sequence); any other cache or none -> the
-      original forward, untouched.
-    * the GPT2Model's `forward`: creates a PagedGPT2Cache where HF would create a DynamicCache, and brackets the
-      call with the cache's begin_step / end_step, which need the 2D padding mask HF reduces to a 4D one before
-      the layers see it. Only where the paged path is exact: every module in eval mode (dropout off), no gradient
-      can flow (the kernels have no autograd), no attention weights asked for, self-attention only, a 2D mask.
-      Anything else runs HF's own forward and DynamicCache, and says why once per model (a warning).
-    * the head model's `_prepare_cache_for_generation`: `generate` gets a PagedGPT2Cache sized for
+One path for every decoder whose attention goes through transformers' attention registry (GPT-2, Llama, Mistral,
+Qwen2, Qwen3, Phi3, ...): no per-family code. Two per-instance hooks (the classes are never touched; unpatch deletes
+them again), each keeping the original method's `inspect.signature` (HF's tests and the Trainer read it):
+    * the base model's `forward` (GPT2Model, LlamaModel, ...): creates a PagedCache where HF would create a
+      DynamicCache, brackets the call with the cache's begin_step / end_step (which need the 2D padding mask), and for
+      that call switches the model's configs to the "kvkernels" attention function (kvkernels.hf.attention), which
+      writes each layer's new K/V into the pool and attends with the kvkernels kernels. Only where the paged path is
+      exact: every module in eval mode (dropout off), no gradient can flow (the kernels have no autograd), no attention
+      weights asked for, self-attention only, a 2D mask. Anything else runs HF's own forward, attention and
+      DynamicCache, untouched, and says why once per model (a warning).
+    * the head model's `_prepare_cache_for_generation`: `generate` gets a PagedCache sized for
       batch x (num_beams or num_return_sequences) x (prompt + max_new_tokens), after HF has settled every
       length, for greedy, sampling, beams and assisted decoding (the cache crops); other modes and explicit
       caches keep HF's.
-transformers renamed GPT-2's `past_key_values` argument to `cache` after 5.17; both are accepted.
+transformers renamed the `past_key_values` argument to `cache` after 5.17; both are accepted.
 """
 import contextlib
 import functools
@@ -24,11 +24,12 @@ import warnings
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, PreTrainedModel
 
-from .gpt2_common import attention_scale, blocks_for, check_cache_dtype, check_positive_int, gpt2_parts
-from .hf_cache import PagedGPT2Cache
-from .ops import BACKENDS
+from ..gpt2_common import blocks_for, check_cache_dtype, check_positive_int
+from ..ops import BACKENDS
+from .attention import active_cache, model_configs
+from .cache import PagedCache, attention_shape
 
 _STATE = "_kvkernels_patch"
 _MISSING = object()
@@ -47,6 +48,7 @@ class PatchOptions:
 @dataclass
 class _PatchState:
     options: PatchOptions
+    configs: list                               # every config the base model's modules read the attention from
     saved: list = field(default_factory=list)   # (object, attribute, previous instance value or _MISSING)
     warned: set = field(default_factory=set)    # fallback reasons already reported
 
@@ -66,17 +68,49 @@ class _PatchState:
             warnings.warn(f"kvkernels: this call runs HF's own attention and cache, not the paged cache: {reason}",
                           stacklevel=4)
 
-    def new_cache(self, config, **sizes):
+    def new_cache(self, base, **sizes):
         o = self.options
-        return PagedGPT2Cache(config, max_tokens=o.max_tokens, block_size=o.block_size, backend=o.backend,
-                              cache_dtype=o.cache_dtype, **sizes)
+        return PagedCache(base.config, max_tokens=o.max_tokens, block_size=o.block_size, backend=o.backend,
+                          cache_dtype=o.cache_dtype, position_limit=position_limit(base), **sizes)
+
+
+def position_limit(base):
+    """The positions a learned position table gives (GPT-2's wpe: n_positions), or None (rotary, ALiBi, ...: HF runs
+    past max_position_embeddings, and so does the paged cache). A table is any embedding besides the token embedding
+    with at least max_position_embeddings rows."""
+    limit = attention_shape(base.config).max_positions
+    tokens = base.get_input_embeddings()
+    tables = (m for m in base.modules() if isinstance(m, torch.nn.Embedding) and m is not tokens)
+    return limit if any(table.num_embeddings >= limit for table in tables) else None
+
+
+def decoder_parts(model):
+    """(base decoder model, head model or None) of `model`, or a TypeError naming what kvkernels cannot serve."""
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"model must be a Hugging Face decoder-only model (GPT-2, Llama, Mistral, Qwen2, Qwen3, Phi3, "
+                        f"...), got {type(model).__name__}")
+    base = model.base_model
+    config = base.config
+    name = type(model).__name__
+    if getattr(config, "is_encoder_decoder", False):
+        raise TypeError(f"{name} is an encoder-decoder model; kvkernels serves decoder-only models")
+    if not getattr(type(base), "_supports_attention_backend", False):
+        raise TypeError(f"{name}'s attention does not go through transformers' attention registry "
+                        f"({type(base).__name__}._supports_attention_backend is False), which kvkernels plugs into")
+    try:
+        attention_shape(config)
+    except ValueError as err:
+        raise TypeError(str(err)) from None
+    return base, (model if model is not base else None)
 
 
 def patch(model, *, backend="auto", block_size=16, max_tokens=None, cache_dtype=None):
     """Serves `model`'s KV cache from a kvkernels paged pool; returns `model` (patched in place).
 
     Args:
-        model: a Hugging Face GPT2LMHeadModel or GPT2Model (or a model whose `.transformer` is a GPT2Model).
+        model: a Hugging Face decoder-only model whose attention uses transformers' attention registry: a head model
+            (GPT2LMHeadModel, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM,
+            Phi3ForCausalLM, ...) or its base model (GPT2Model, LlamaModel, ...).
         backend: kernel backend, "auto" | "triton" | "cuda" | "torch" (resolved on the first call, per device).
         block_size: tokens per page.
         max_tokens: fixes the pool at this many tokens over all sequences (CacheFullError past it).
@@ -85,7 +119,7 @@ def patch(model, *, backend="auto", block_size=16, max_tokens=None, cache_dtype=
 
     Patching twice only updates the options. `unpatch` restores the original methods exactly.
     """
-    base, _ = gpt2_parts(model)
+    base, head = decoder_parts(model)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     check_positive_int("block_size", block_size)
@@ -96,15 +130,13 @@ def patch(model, *, backend="auto", block_size=16, max_tokens=None, cache_dtype=
     if state is not None:
         state.options = options
     else:
-        state = _PatchState(options)
-        for block in base.h:
-            state.install(block.attn, "forward", _attention_forward)
+        state = _PatchState(options, model_configs(base))
         state.install(base, "forward", _model_forward)
         object.__setattr__(base, _STATE, state)
     installed = getattr(model.__dict__.get("_prepare_cache_for_generation"), "__func__", None)
-    if model is not base and hasattr(model, "_prepare_cache_for_generation") \
+    if head is not None and hasattr(head, "_prepare_cache_for_generation") \
             and getattr(installed, "_kvkernels_hook", None) is not _prepare_cache_for_generation:
-        state.install(model, "_prepare_cache_for_generation", _prepare_cache_for_generation)
+        state.install(head, "_prepare_cache_for_generation", _prepare_cache_for_generation)
     return model
 
 
@@ -118,7 +150,7 @@ def unpatch(model):
             obj.__dict__.pop(name, None)
         else:
             obj.__dict__[name] = previous
-    del gpt2_parts(model)[0].__dict__[_STATE]
+    del model.base_model.__dict__[_STATE]
     return model
 
 
@@ -143,7 +175,7 @@ def patched(model, **options):
 
 
 def _state(model):
-    return gpt2_parts(model)[0].__dict__.get(_STATE)
+    return decoder_parts(model)[0].__dict__.get(_STATE)
 
 
 # -- the hooks ---------------------------------------------------------------------------------
@@ -177,27 +209,6 @@ def _named_arguments(function, args, kwargs):
     return arguments, cache_name
 
 
-def _attention_forward(self, *args, **kwargs):
-    if torch.compiler.is_compiling():           # a compiled forward traces HF's own code (never a paged cache)
-        return type(self).forward(self, *args, **kwargs)
-    arguments, cache_name = _named_arguments(type(self).forward, args, kwargs)
-    cache = arguments.get(cache_name)
-    if not isinstance(cache, PagedGPT2Cache):
-        return type(self).forward(self, *args, **kwargs)
-    if self.is_cross_attention or arguments.get("encoder_hidden_states") is not None:
-        raise ValueError("kvkernels' paged cache serves GPT-2 self-attention only, not cross-attention")
-    hidden_states = arguments["hidden_states"]
-    batch, num_new, _ = hidden_states.shape
-    query, key, value = self.c_attn(hidden_states).split(self.split_size, dim=2)              # [B, T, E] each
-    shape = (batch, num_new, self.num_heads, self.head_dim)
-    # HF upcasts only on its eager path (_upcast_and_reordered_attn); sdpa runs in the model's dtype.
-    upcast = self.reorder_and_upcast_attn and self.config._attn_implementation == "eager"
-    out = cache.attend(self.layer_idx, query.view(shape), key.view(shape), value.view(shape),
-                       attention_scale(self), upcast=upcast)                                   # [B, T, H, D]
-    out = self.resid_dropout(self.c_proj(out.reshape(batch, num_new, -1)))
-    return out, None
-
-
 def _gradient_can_flow(base, arguments):
     if not torch.is_grad_enabled():
         return False
@@ -214,8 +225,8 @@ def _unsupported_reason(base, arguments):
                 "kernels have no autograd; run under torch.no_grad() or freeze the weights and inputs")
     if arguments.get("output_attentions") or getattr(base.config, "output_attentions", False):
         return "output_attentions=True needs the attention matrix, which paged attention never materialises"
-    if arguments.get("encoder_hidden_states") is not None or base.config.add_cross_attention:
-        return "cross-attention GPT-2 configs are not supported"
+    if arguments.get("encoder_hidden_states") is not None or getattr(base.config, "add_cross_attention", False):
+        return "cross-attention is not served by the paged cache"
     attention_mask = arguments.get("attention_mask")
     if attention_mask is not None and attention_mask.dim() != 2:
         return "the attention_mask is not 2D [batch, past + new tokens]"
@@ -236,18 +247,19 @@ def _model_forward(self, *args, **kwargs):
         if use_cache if use_cache is not None else self.config.use_cache:
             reason = _unsupported_reason(self, arguments)
             if reason is None:
-                cache = state.new_cache(self.config)
+                cache = state.new_cache(self)
             else:
                 state.warn_once(reason)
     elif type(cache) is DynamicCache and cache.get_seq_length() == 0 \
             and not getattr(cache, "_is_user_defined", False) and _unsupported_reason(self, arguments) is None:
         state.warn_once(f"it was given an empty {type(cache).__name__} (what model.generate makes when only "
-                        "model.transformer is patched: patch the model with its LM head; or pass no cache)")
-    if not isinstance(cache, PagedGPT2Cache):
+                        f"model.{self.base_model_prefix} is patched: patch the model with its LM head; or pass no "
+                        "cache)")
+    if not isinstance(cache, PagedCache):
         return original(**arguments, **{cache_name: cache})
     reason = _unsupported_reason(self, arguments)
     if reason is not None:
-        raise ValueError(f"cannot run with kvkernels' PagedGPT2Cache: {reason}. Call kvkernels.unpatch(model) or "
+        raise ValueError(f"cannot run with kvkernels' PagedCache: {reason}. Call kvkernels.unpatch(model) or "
                          "pass a DynamicCache for this call")
     input_ids, inputs_embeds = arguments.get("input_ids"), arguments.get("inputs_embeds")
     inputs = input_ids if input_ids is not None else inputs_embeds
@@ -258,12 +270,14 @@ def _model_forward(self, *args, **kwargs):
         batch = input_ids.numel() // max(num_new, 1)
     else:
         batch, num_new = inputs.shape[:2]
-    if arguments.get("position_ids") is None and cache.get_seq_length() + num_new > self.config.n_positions:
+    limit = cache.position_limit
+    if limit is not None and arguments.get("position_ids") is None and cache.get_seq_length() + num_new > limit:
         raise ValueError(f"this call would reach position {cache.get_seq_length() + num_new - 1}, but the model has "
-                         f"n_positions={self.config.n_positions} (positions 0..{self.config.n_positions - 1})")
-    cache.begin_step(batch, num_new, arguments.get("attention_mask"), self.wte.weight.dtype, inputs.device)
+                         f"{attention_shape(self.config).max_positions_name}={limit} (positions 0..{limit - 1})")
+    cache.begin_step(batch, num_new, arguments.get("attention_mask"), self.dtype, inputs.device)
     try:
-        out = original(**arguments, **{cache_name: cache})
+        with active_cache(cache, state.configs):
+            out = original(**arguments, **{cache_name: cache})
     except BaseException:
         cache.abort_step()
         raise
@@ -288,7 +302,7 @@ def _generation_fallback_reason(model, base, generation_config, model_kwargs, ge
 def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
                                   max_cache_length, *args, **kwargs):
     original = type(self)._prepare_cache_for_generation.__get__(self)
-    base, _ = gpt2_parts(self)
+    base = self.base_model
     state = base.__dict__[_STATE]
     cache_name = _parameters(type(base).forward)[1]
     reason = _generation_fallback_reason(self, base, generation_config, model_kwargs, generation_mode)
@@ -302,10 +316,11 @@ def _prepare_cache_for_generation(self, generation_config, model_kwargs, generat
     longest = max_length
     if attention_mask is not None:                       # left padding is not stored, nor given a position
         longest = int(attention_mask.sum(-1).max()) + max_length - attention_mask.shape[-1]
-    n_positions = base.config.n_positions
-    if longest > n_positions:
+    limit = position_limit(base)
+    if limit is not None and longest > limit:
         raise ValueError(f"generate would reach {longest} positions (prompt + max_new_tokens) but the model has "
-                         f"n_positions={n_positions}: shorten the prompt or lower max_new_tokens")
+                         f"{attention_shape(base.config).max_positions_name}={limit}: shorten the prompt or lower "
+                         "max_new_tokens")
     num_seqs = batch_size * max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1)
     planned = num_seqs * blocks_for(longest, state.options.block_size) * state.options.block_size
-    model_kwargs[cache_name] = state.new_cache(base.config, num_seqs=num_seqs, planned_tokens=planned)
+    model_kwargs[cache_name] = state.new_cache(base, num_seqs=num_seqs, planned_tokens=planned)

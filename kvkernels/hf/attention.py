@@ -1,0 +1,82 @@
+"""The "kvkernels" attention function in transformers' attention registry, and the cache it serves.
+
+Every decoder whose attention modules call `ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, ...)`
+after `cache.update(...)` (GPT-2, Llama, Mistral, Qwen2, Qwen3, Phi3 and most of transformers' decoders) reaches
+`paged_attention` while `config._attn_implementation == "kvkernels"`. kvkernels.patch switches a model's configs to
+"kvkernels" for the duration of each forward it serves on a PagedCache and names that cache in `active_cache`; no
+mask function is registered, so transformers hands the attention function the 2D padding mask (as for vLLM's and
+TGI's backends) and the cache applies causal, padding and sliding-window masking itself.
+"""
+import contextlib
+import contextvars
+
+from transformers import AttentionInterface, PretrainedConfig
+
+NAME = "kvkernels"
+_ACTIVE = contextvars.ContextVar("kvkernels_active_cache", default=None)
+# Arguments some attention modules pass that change the math in ways the paged kernels do not implement.
+_UNSUPPORTED = {"softcap": "attention logit soft-capping", "s_aux": "attention sinks",
+                "sinks": "attention sinks", "head_mask": "a head mask"}
+
+
+def model_configs(module):
+    """Every distinct config the modules under `module` read their attention implementation from."""
+    return list({id(m.config): m.config for m in module.modules()
+                 if isinstance(getattr(m, "config", None), PretrainedConfig)}.values())
+
+
+@contextlib.contextmanager
+def active_cache(cache, configs):
+    """Within the block, the attention of modules whose config is in `configs` runs on `cache` through
+    `paged_attention`. Restores each config's implementation afterwards."""
+    originals = {id(config): config._attn_implementation_internal for config in configs}
+    token = _ACTIVE.set((cache, originals))
+    for config in configs:
+        config._attn_implementation_internal = NAME
+    try:
+        yield
+    finally:
+        for config in configs:
+            config._attn_implementation_internal = originals[id(config)]
+        _ACTIVE.reset(token)
+
+
+def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,
+                    **kwargs):
+    """transformers' attention-function contract on kvkernels' paged cache.
+
+    Args:
+        module: the attention module (its `layer_idx` names the cache layer).
+        query: [B, H, T, D]; key, value: [B, H_kv, T, D], this step's new tokens only (PagedCache.update passes them
+            through unchanged).
+        attention_mask: what transformers hands a backend without a mask function: the 2D padding mask or None;
+            the cache already holds this step's mask (kvkernels.patch gave it to begin_step).
+        scaling: softmax scale (None: D ** -0.5). dropout: must be 0 (patch serves eval mode only).
+        sliding_window: HF's window in columns for this layer, or None.
+
+    Returns:
+        (out [B, T, H, D] in query's dtype, None): attention weights are never materialised.
+    """
+    active = _ACTIVE.get()
+    if active is None:
+        raise RuntimeError("attn_implementation='kvkernels' runs only inside a forward that kvkernels.patch(model) "
+                           "serves on its paged cache: call kvkernels.patch(model)")
+    cache, originals = active
+    for name, what in _UNSUPPORTED.items():
+        if kwargs.get(name) is not None:
+            raise NotImplementedError(f"kvkernels' paged attention does not implement {what} ({name}=...), which "
+                                      f"{type(module).__name__} uses: call kvkernels.unpatch(model)")
+    if dropout:
+        raise NotImplementedError("kvkernels' paged attention has no attention dropout (the model is in training mode)")
+    if kwargs.get("is_causal", getattr(module, "is_causal", True)) is False:
+        raise NotImplementedError(f"kvkernels' paged attention is causal; {type(module).__name__} asks for "
+                                  "bidirectional attention")
+    scale = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
+    # GPT-2's reorder_and_upcast_attn runs its softmax in fp32 on HF's eager path only.
+    upcast = bool(getattr(module, "reorder_and_upcast_attn", False)) and originals.get(id(module.config)) == "eager"
+    out = cache.attend(module.layer_idx, query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), scale,
+                       upcast=upcast, window=sliding_window)                                    # [B, T, H, D]
+    return out, None
+
+
+AttentionInterface.register(NAME, paged_attention)

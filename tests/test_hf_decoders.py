@@ -1,0 +1,222 @@
+"""kvkernels.patch on every decoder family through one mechanism: Llama, Mistral, Qwen2, Qwen3, Phi3 and GPT-2,
+exact against unpatched HF eager (tiny random fp32 models, see helpers.DECODERS)."""
+import functools
+import inspect
+
+import pytest
+import torch
+from transformers import DynamicCache
+from transformers.generation.streamers import BaseStreamer
+
+import helpers
+import kvkernels
+from conftest import DEVICE, kernel_backends
+from kvkernels.hf import PagedCache
+
+FAMILIES = list(helpers.DECODERS)
+make_decoder = functools.partial(helpers.make_decoder, device=DEVICE)
+# Ragged, left-padded; the longest prompt is longer than the 6-column windows of Mistral and Qwen2.
+padded_batch = functools.partial(helpers.padded_batch, prompt_lens=(11, 4, 8), device=DEVICE)
+
+
+class Recorder:
+    """Records what the paged cache served: the layers' calls and the windows they asked for."""
+
+    def __init__(self, monkeypatch):
+        self.windows = []
+        original = PagedCache.attend
+
+        def recording(cache, *args, **kwargs):
+            self.windows.append(kwargs.get("window"))
+            return original(cache, *args, **kwargs)
+        monkeypatch.setattr(PagedCache, "attend", recording)
+
+
+class TokenStreamer(BaseStreamer):
+    def __init__(self):
+        self.tokens = []
+
+    def put(self, value):
+        self.tokens.append(value.clone())
+
+    def end(self):
+        pass
+
+
+def expected_windows(family):
+    """The window each layer asks for, per forward: None for full attention."""
+    spec = helpers.DECODERS[family]
+    if family == "mistral":
+        return [spec["sliding_window"]] * 2
+    if family == "qwen2":
+        return [None, spec["sliding_window"]]   # max_window_layers=1: layer 0 full, layer 1 windowed
+    return [None, None]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_64_tokens_matches_hf_eager(family, monkeypatch):
+    model = make_decoder(family)
+    ids, mask = padded_batch()
+    streamed = TokenStreamer()
+    kwargs = dict(attention_mask=mask, max_new_tokens=64, min_new_tokens=64, do_sample=False)
+    expected = model.generate(ids, **kwargs)
+    recorder = Recorder(monkeypatch)
+    with kvkernels.patched(model, backend="torch", block_size=4):
+        got = model.generate(ids, streamer=streamed, **kwargs)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert len(set(expected[:, ids.shape[1]:].flatten().tolist())) > 4, "the tiny model should not just repeat"
+    assert recorder.windows == expected_windows(family) * 64          # every step served from the pool
+    torch.testing.assert_close(torch.stack(streamed.tokens[1:], dim=-1), got[:, ids.shape[1]:], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sampling_and_beams_match_hf(family):
+    """Seeded sampling from an unsharpened head (broad distributions: many tokens possible at each step), then beams."""
+    ids, mask = padded_batch()
+    modes = [(make_decoder(family, sharpen=1.0), dict(do_sample=True, top_k=40, temperature=0.8,
+                                                        num_return_sequences=2)),
+             (make_decoder(family), dict(num_beams=3, num_return_sequences=2, do_sample=False))]
+    for model, mode in modes:
+        torch.manual_seed(7)
+        expected = model.generate(ids, attention_mask=mask, max_new_tokens=12, **mode)
+        with kvkernels.patched(model, backend="torch"):
+            torch.manual_seed(7)
+            got = model.generate(ids, attention_mask=mask, max_new_tokens=12, **mode)
+        torch.testing.assert_close(got, expected, rtol=0, atol=0, msg=f"{family} {mode}")
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("family", FAMILIES)
+def test_teacher_forced_logits_match_hf_eager(family, backend, monkeypatch):
+    """Prompt, then single-token decode steps past the window, then a 3-token step over the paged past."""
+    model = make_decoder(family)
+    ids, mask = padded_batch()
+    generator = torch.Generator().manual_seed(2)
+    steps = [torch.randint(2, 256, (3, n), generator=generator).to(DEVICE) for n in (1, 1, 1, 3)]
+
+    def run(cache):
+        logits, attention_mask = [], mask
+        with torch.no_grad():
+            out = model(ids, attention_mask=attention_mask, past_key_values=cache)
+            logits.append(out.logits)
+            for chunk in steps:
+                attention_mask = torch.cat([attention_mask, torch.ones_like(chunk)], dim=1)
+                out = model(chunk, attention_mask=attention_mask, past_key_values=out.past_key_values)
+                logits.append(out.logits)
+        return logits, out.past_key_values
+
+    expected, _ = run(DynamicCache())
+    recorder = Recorder(monkeypatch)
+    with kvkernels.patched(model, backend=backend, block_size=4):
+        got, cache = run(None)
+    assert isinstance(cache, PagedCache) and len(recorder.windows) == 2 * (1 + len(steps))
+    assert [cache.pool.seq_len(s) for s in range(3)] == [n + 6 for n in (11, 4, 8)]    # padding never stored
+    real = mask.bool()
+    torch.testing.assert_close(got[0][real], expected[0][real], atol=1e-4, rtol=1e-4)
+    for have, want in zip(got[1:], expected[1:]):
+        torch.testing.assert_close(have, want, atol=1e-4, rtol=1e-4)
+
+
+def test_second_generate_continues_from_returned_cache():
+    model = make_decoder("mistral")
+    ids, mask = padded_batch()
+
+    def two_calls():
+        first = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False,
+                               return_dict_in_generate=True)
+        follow = torch.full((3, 2), 9, device=DEVICE)
+        ids2 = torch.cat([first.sequences, follow], dim=1)
+        mask2 = torch.cat([mask, torch.ones(3, ids2.shape[1] - mask.shape[1], dtype=mask.dtype, device=DEVICE)], 1)
+        second = model.generate(ids2, attention_mask=mask2, past_key_values=first.past_key_values, max_new_tokens=8,
+                                do_sample=False)
+        return first.past_key_values, second
+
+    _, expected = two_calls()
+    with kvkernels.patched(model, backend="torch"):
+        cache, got = two_calls()
+    assert isinstance(cache, PagedCache)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_rotary_model_generates_past_max_position_embeddings():
+    """Rotary positions have no table: HF runs past max_position_embeddings, and so must the paged cache."""
+    model = make_decoder("llama", max_position_embeddings=16)
+    ids, mask = padded_batch()
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False)
+    with kvkernels.patched(model, backend="torch", block_size=4):
+        got = model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_patched_forward_keeps_the_signature():
+    model = make_decoder("qwen3")
+    before = inspect.signature(model.model.forward)
+    with kvkernels.patched(model):
+        assert model.model.forward.__func__ is not type(model.model).forward
+        assert inspect.signature(model.model.forward) == before
+        assert inspect.signature(model.forward) == inspect.signature(type(model).forward.__get__(model))
+
+
+def test_models_it_cannot_serve_say_what_is_missing():
+    from transformers import BloomConfig, BloomForCausalLM, Gemma2Config, Gemma2ForCausalLM
+
+    bloom = BloomForCausalLM(BloomConfig(vocab_size=64, hidden_size=32, n_layer=1, n_head=2))
+    with pytest.raises(TypeError, match="_supports_attention_backend"):
+        kvkernels.patch(bloom)
+    with pytest.raises(TypeError, match="GPT-2, Llama"):
+        kvkernels.patch(torch.nn.Linear(2, 2))
+    gemma = Gemma2ForCausalLM(Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                           num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                           attn_logit_softcapping=50.0)).eval()
+    ids = torch.randint(2, 64, (1, 5))
+    with kvkernels.patched(gemma, backend="torch"), torch.no_grad():
+        with pytest.raises(NotImplementedError, match="soft-capping"):
+            gemma(ids)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_sliding_window_decode_reads_only_the_window(backend):
+    """Mistral (every layer windowed): after the prompt, every stored token that the next queries' windows leave out
+    is overwritten with NaN; the decode steps' logits still match HF, so the kernel never read them."""
+    model = make_decoder("mistral")
+    window = helpers.DECODERS["mistral"]["sliding_window"]
+    ids, mask = padded_batch()
+    steps = [torch.tensor([[5], [6], [7]], device=DEVICE), torch.tensor([[8], [9], [10]], device=DEVICE)]
+
+    def run(cache, poison=False):
+        attention_mask, logits = mask, []
+        with torch.no_grad():
+            out = model(ids, attention_mask=attention_mask, past_key_values=cache)
+            if poison:
+                pool = out.past_key_values.pool
+                for seq in range(3):
+                    slots = out.past_key_values._slots_of(pool, [seq], [max(pool.seq_len(seq) - window + 1, 0)])
+                    for pages in pool.k_pools + pool.v_pools:
+                        pages.view(-1, *pages.shape[2:])[slots] = float("nan")
+            for token in steps:
+                attention_mask = torch.cat([attention_mask, torch.ones_like(token)], dim=1)
+                out = model(token, attention_mask=attention_mask, past_key_values=out.past_key_values)
+                logits.append(out.logits)
+        return torch.cat(logits, dim=1)
+
+    expected = run(DynamicCache())
+    with kvkernels.patched(model, backend=backend, block_size=2):
+        got = run(None, poison=True)
+    assert not got.isnan().any()
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "gpt2"])   # GPT-2's fused step: test_generation
+def test_kvkernels_generate_matches_hf(family):
+    """kvkernels.generate's own loop, identical to model.generate (prompts longer than the Mistral / Qwen2 windows):
+    greedy on the Triton kernels, and greedy with a repetition penalty over 24 tokens on the reference. (Its sampler
+    draws differently from HF's by design; see the README.)"""
+    model = make_decoder(family)
+    ids, mask = padded_batch()
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    got = kvkernels.generate(model, ids, mask, max_new_tokens=8, do_sample=False, backend="triton")
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    penalised = dict(max_new_tokens=24, do_sample=False, repetition_penalty=1.3)
+    expected = model.generate(ids, attention_mask=mask, **penalised)
+    got = kvkernels.generate(model, ids, mask, backend="torch", **penalised)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
