@@ -46,6 +46,7 @@ class DecodePoint:
     block_size: int
     batch: int
     context: int
+    cache_dtype: str = None  # "float8_e4m3fn" / "int8" pages with per-token scales; None: dtype's pages
 
 
 GPT2 = dict(dtype="float16", num_heads=12, num_kv_heads=12, head_dim=64, block_size=16)
@@ -190,22 +191,24 @@ def analyse(kernel) -> dict:
 
 def _point_tensors(point: DecodePoint):
     dtype = getattr(torch, point.dtype)
+    cache_dtype = getattr(torch, point.cache_dtype or point.dtype)
     blocks = point.context // point.block_size
     q = torch.empty(point.batch, point.num_heads, point.head_dim, dtype=dtype)
-    cache = torch.empty(2, point.block_size, point.num_kv_heads, point.head_dim, dtype=dtype)
+    cache = torch.empty(2, point.block_size, point.num_kv_heads, point.head_dim, dtype=cache_dtype)
+    scales = torch.empty(2, point.block_size, point.num_kv_heads) if point.cache_dtype else None
     tables = torch.zeros(point.batch, blocks, dtype=torch.int32)
     lens = torch.full((point.batch,), point.context, dtype=torch.int32)
-    return q, cache, cache, tables, lens
+    return q, cache, cache, tables, lens, scales
 
 
 def point_launches(point: DecodePoint, num_splits: int):
     """[(kernel, args, kwargs, grid)] of a decode at `point` with `num_splits` (small stand-in tensors with
     the real strides: only strides, alignment and ints decide the specialisation)."""
-    q, k_cache, v_cache, tables, lens = _point_tensors(point)
+    q, k_cache, v_cache, tables, lens, scales = _point_tensors(point)
     shape = check_decode_inputs(q, k_cache, v_cache, tables, lens)
-    config = triton_decode.decode_config(shape, q.dtype)
+    config = triton_decode.decode_config(shape, k_cache.dtype)
     return triton_decode.decode_launches(q, k_cache, v_cache, tables, lens, shape, 1.0, torch.empty_like(q), config,
-                                         num_splits)
+                                         num_splits, k_scale=scales, v_scale=scales)
 
 
 def point_splits(point: DecodePoint, sms: int = SMS) -> int:
