@@ -206,7 +206,7 @@ def point_launches(point: DecodePoint, num_splits: int):
     the real strides: only strides, alignment and ints decide the specialisation)."""
     q, k_cache, v_cache, tables, lens, scales = _point_tensors(point)
     shape = check_decode_inputs(q, k_cache, v_cache, tables, lens)
-    config = triton_decode.decode_config(shape, k_cache.dtype)
+    config = triton_decode.decode_config(shape, q.dtype, k_cache.dtype)
     return triton_decode.decode_launches(q, k_cache, v_cache, tables, lens, shape, 1.0, torch.empty_like(q), config,
                                          num_splits, k_scale=scales, v_scale=scales)
 

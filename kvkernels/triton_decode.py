@@ -10,8 +10,8 @@ a tile ahead, K and V are issued together, one head per KV head reduces [N, D] x
 grouped heads use two tensor-core dots. `kvkernels/static_model.py` checks the sm_90 cubins.
 
 fp8 / int8 pages (QUANTIZED) are dequantized in registers: a tile's per-token scales are loaded with its
-K and V and folded into the scores and the probabilities (static per-head scales into the softmax scale
-and the output), so the loop reads 1 byte per element plus 8 bytes per token.
+K and V and folded into the scores and into the probabilities (one head) or V's rows (grouped heads; static
+per-head scales into the softmax scale and the output), so the loop reads 1 byte per element plus 8 bytes per token.
 """
 import dataclasses
 import functools
@@ -21,16 +21,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._validate import check_decode_inputs
+from ._validate import check_decode_inputs, is_quantized
 from .triton_write_kv import quant_constexprs, scale_strides
 from .split import MIN_SPLIT_TOKENS, choose_num_splits, ctas_per_sm, num_sms
 
 LOG2_E = 1.4426950408889634
-# CTAs per SM of the split decode kernel on sm_90 for one head / grouped heads: the static model
+# CTAs per SM of the split decode kernel on sm_90 by (grouped heads, fp8 / int8 pages): the static model
 # (kvkernels/static_model.py, 2026-11-24: 7 and 5 with triton 3.9, 6 and 5 with triton 3.6; the lower
-# kept; tests/test_triton_compile.py fails when the compiled kernel fits fewer). Used where no compiled
-# kernel can be asked (the CPU interpreter).
-STATIC_CTAS_PER_SM = {False: 6, True: 5}
+# kept; quantized pages 5 and 3 with triton 3.9, not yet compiled with 3.6; tests/test_triton_compile.py
+# fails when the compiled kernel fits fewer). Used where no compiled kernel can be asked (the CPU interpreter).
+STATIC_CTAS_PER_SM = {(False, False): 6, (True, False): 5, (False, True): 5, (True, True): 3}
 
 
 @triton.jit
@@ -173,6 +173,10 @@ def _paged_decode_kernel(
                                            stride_ksb, stride_kst, stride_vsb, stride_vst, BLOCK_SIZE)
             if DOT_IN_FP32 or QUANTIZED:  # fp8 / int8 values are exact in fp16 and fp32
                 k = k.to(q.dtype)
+                if PER_TOKEN_SCALES:
+                    # V's scales into V's rows, not into p: p * scale in fp16 would fall to subnormals
+                    # (spacing 6e-8) over a long, flat context
+                    v = v.to(tl.float32) * vs[:, None]
                 v = v.to(q.dtype)
             scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [G, N]
             if PER_TOKEN_SCALES:
@@ -182,8 +186,6 @@ def _paged_decode_kernel(
             p = tl.exp2(scores - m_new[:, None])                               # [G, N]
             alpha = tl.exp2(m - m_new)
             l = l * alpha + tl.sum(p, axis=1)
-            if PER_TOKEN_SCALES:
-                p = p * vs[None, :]
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
             m = m_new
             block_ids = next_ids
@@ -233,15 +235,24 @@ class DecodeConfig:
     num_stages: int
 
 
-def decode_config(shape, dtype: torch.dtype) -> DecodeConfig:
-    """Tile, warps and pipeline depth for a shape and page dtype (bounds checked on sm_90 cubins by the static
-    model).
+def decode_config(shape, dtype: torch.dtype, cache_dtype: torch.dtype = None) -> DecodeConfig:
+    """Tile, warps and pipeline depth for a shape, q's dtype and the page dtype (default: q's), bounds checked on
+    sm_90 cubins by the static model.
 
     8 KB of K (and 8 KB of V) per tile, issued together by a 4-warp program: at 5-7 CTAs per SM several
     times the ~16 KB per SM an H100 needs in flight, and small enough that fp32 tiles do not spill.
-    fp8 / int8 pages: twice the tokens of fp16 in the same bytes."""
+    fp8 / int8 pages are converted to q's dtype (grouped dots) or fp32 (one head) in registers, so their tile
+    is sized by q's dtype: one fp16 / bf16 head reads twice the tokens (the same 8 KB); grouped heads read
+    fp16's tokens (half the bytes: twice the tokens fit 2 CTAs per SM, these 3), and grouped fp32 dots
+    pipeline nothing (two stages of converted tiles spill)."""
     head_dim_pad = max(16, triton.next_power_of_2(shape.head_dim))
-    return DecodeConfig(tile=max(16, min(128, 8192 // (head_dim_pad * dtype.itemsize))), num_warps=4, num_stages=2)
+    tile = max(16, min(128, 8192 // (head_dim_pad * dtype.itemsize)))
+    if not is_quantized(cache_dtype):
+        return DecodeConfig(tile=tile, num_warps=4, num_stages=2)
+    grouped = shape.num_heads > shape.num_kv_heads
+    if not grouped and dtype.itemsize == 2:
+        tile = min(128, 2 * tile)
+    return DecodeConfig(tile=tile, num_warps=4, num_stages=1 if grouped and dtype == torch.float32 else 2)
 
 
 def decode_launches(q, k_cache, v_cache, block_tables, seq_lens, shape, scale, out, config, num_splits,
@@ -293,7 +304,7 @@ def split_kernel_ctas_per_sm(device: torch.device, dtype: torch.dtype, group: in
     configuration (aligned and contiguous, as the caches are), elsewhere the static model's."""
     cache_dtype = cache_dtype or dtype
     if device.type != "cuda":
-        return STATIC_CTAS_PER_SM[group > 1]
+        return STATIC_CTAS_PER_SM[group > 1, is_quantized(cache_dtype)]
     q = torch.empty(1, group, head_dim, device=device, dtype=dtype)
     cache = torch.empty(1, block_size, 1, head_dim, device=device, dtype=cache_dtype)
     scales = torch.empty(1, block_size, 1, device=device) if cache_dtype != dtype else None
@@ -301,7 +312,7 @@ def split_kernel_ctas_per_sm(device: torch.device, dtype: torch.dtype, group: in
     lens = torch.ones(1, device=device, dtype=torch.int32)
     shape = check_decode_inputs(q, cache, cache, tables, lens)
     fn, args, kwargs, grid = decode_launches(q, cache, cache, tables, lens, shape, 1.0, torch.empty_like(q),
-                                             decode_config(shape, cache_dtype), num_splits=2,
+                                             decode_config(shape, dtype, cache_dtype), num_splits=2,
                                              k_scale=scales, v_scale=scales)[0]
     try:
         kernel = fn.warmup(*args, grid=grid, **kwargs)  # the launch then finds it in Triton's cache
@@ -310,7 +321,7 @@ def split_kernel_ctas_per_sm(device: torch.device, dtype: torch.dtype, group: in
     except Exception as e:  # a Triton whose compiled-kernel API moved: split by the model rather than fail
         warnings.warn(f"kvkernels: could not read the decode kernel's occupancy ({e}); splitting by the static "
                       "model's", RuntimeWarning, stacklevel=2)
-        return STATIC_CTAS_PER_SM[group > 1]
+        return STATIC_CTAS_PER_SM[group > 1, is_quantized(cache_dtype)]
 
 
 def default_num_splits(shape, dtype: torch.dtype, device: torch.device, min_split_tokens=MIN_SPLIT_TOKENS,
@@ -320,7 +331,7 @@ def default_num_splits(shape, dtype: torch.dtype, device: torch.device, min_spli
     occupancy = split_kernel_ctas_per_sm(device, dtype, shape.num_heads // shape.num_kv_heads, shape.head_dim,
                                          shape.block_size, cache_dtype)
     return choose_num_splits(shape.batch, shape.num_kv_heads, shape.max_blocks_per_seq * shape.block_size,
-                             num_sms(device), occupancy, decode_config(shape, cache_dtype).tile, min_split_tokens)
+                             num_sms(device), occupancy, decode_config(shape, dtype, cache_dtype).tile, min_split_tokens)
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, shape, scale, out,
@@ -334,7 +345,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, shape, s
     """
     if shape.batch == 0:
         return out
-    config = decode_config(shape, k_cache.dtype)
+    config = decode_config(shape, q.dtype, k_cache.dtype)
     if num_splits is None:
         num_splits = default_num_splits(shape, q.dtype, q.device, min_split_tokens, k_cache.dtype)
     for kernel, args, kwargs, grid in decode_launches(q, k_cache, v_cache, block_tables, seq_lens, shape, scale, out,
