@@ -4,10 +4,14 @@ Static shapes make the graph possible. The pool holds, for every sequence, room 
 plus max_new_tokens, and its block table is filled before the first token; a decode step then only reads
 and updates device tensors that never move:
     tokens [B] (the step's input), lengths int32 [B] (tokens cached = the input's position), finished [B],
-    done_at [B], step [1] (output column), out [B, max_new_tokens], seen [B, V] (repetition penalty).
-The step (embedding, every layer with write_kv_cache + paged_decode_attention, lm_head, sampling, the EOS
-bookkeeping) is one Python function: it runs eagerly on the CPU, and on CUDA it is captured once and
-replayed per token. The host reads the device only every EOS_CHECK_EVERY tokens (each token for a streamer).
+    done_at [B], step [B] (output column), out [B, max_new_tokens], seen [B, V] (repetition penalty).
+The step is one Python function of fused kernels (kvkernels.triton_step, or kvkernels.step_reference for the
+PyTorch backend): an embedding prologue, five launches per layer (LayerNorm + QKV GEMM + K/V write, paged
+decode attention, c_proj + residual, LayerNorm + c_fc + GELU, mlp c_proj + residual), ln_f + lm_head, and
+one epilogue for the greedy choice and the EOS bookkeeping: 63 launches for GPT-2 124M (12 more when
+attention splits), where the module-by-module step took about 160. It runs eagerly on the CPU, and on CUDA
+it is captured once and replayed per token. The host reads the device only every EOS_CHECK_EVERY tokens
+(each token for a streamer).
 
 The pool, those tensors and the captured graph stay on the model after a call (`_Session`), so a later call
 with the same batch, lengths budget and settings refills them in place and replays without capturing again.
@@ -22,8 +26,11 @@ from transformers.activations import NewGELUActivation
 
 from .cache import PagedKVCache
 from .gpt2_common import attention_scale, blocks_for, check_positive_int, gpt2_parts
-from .ops import BACKENDS, paged_decode_attention, resolve_backend, write_kv_cache
+from .ops import BACKENDS, paged_decode_attention, resolve_backend, triton_available, write_kv_cache
 from .sampling import SamplingParams, generation_settings, hf_penalises_left_padding, process_logits, select_tokens
+
+# activation_function values that are the tanh GELU the fused c_fc kernel applies
+_TANH_GELU = ("gelu_new", "gelu_pytorch_tanh")
 
 # One host sync per this many tokens on CUDA to see whether every sequence has finished. With a streamer,
 # or on the CPU (whose ops are synchronous anyway), it checks and streams every token.
@@ -37,7 +44,7 @@ class _DecodeState:
     lengths: torch.Tensor     # int32 [B], tokens cached per sequence = position of `tokens`
     finished: torch.Tensor    # bool [B]
     done_at: torch.Tensor     # int64 [B], output column of the EOS (max_new_tokens while unfinished)
-    step: torch.Tensor        # int64 [1], the output column this step writes
+    step: torch.Tensor        # int64 [B], the output column this step writes (equal in every row)
     out: torch.Tensor         # int64 [B, max_new_tokens]
     seen: torch.Tensor        # bool [B, V] tokens present so far, or None without a repetition penalty
     eos: torch.Tensor         # int64 [num_eos]
@@ -74,6 +81,17 @@ class _Runner:
         self.tables = pool.block_tables[:batch]                                     # int32 [B, M], static
         self.scales = [attention_scale(block.attn) for block in base.h]
         self.num_heads, self.head_dim = base.h[0].attn.num_heads, base.h[0].attn.head_dim
+        self.ops = _step_ops(pool.backend, base.wte.weight.device)
+        self.fused_gelu = base.config.activation_function in _TANH_GELU
+        # The step's activations: static buffers, so a captured graph finds them at the same addresses.
+        weight = base.wte.weight
+        embed_dim, inner_dim = weight.shape[1], base.h[0].mlp.c_fc.weight.shape[1]
+        self.x = weight.new_empty(batch, embed_dim)                                 # residual stream [B, E]
+        self.seq_lens = torch.empty(batch, dtype=torch.int32, device=weight.device)  # lengths attention sees
+        self.q = weight.new_empty(batch, self.num_heads, self.head_dim)               # [B, H, D]
+        self.attn = torch.empty_like(self.q)                                        # [B, H, D]
+        self.hidden = weight.new_empty(batch, inner_dim)                            # MLP activations [B, 4E]
+        self.logits = torch.empty(batch, lm_head.out_features, dtype=torch.float32, device=weight.device)
 
     @staticmethod
     def _attention_inputs(block, x):
@@ -114,43 +132,48 @@ class _Runner:
             x = x + self._mlp(block, block.ln_2(x))
         return self.lm_head(self.base.ln_f(x[:, -1])).float()                         # last column is real
 
-    def select(self, logits, state: _DecodeState):
-        """Picks the next tokens from logits [B, V] and does the EOS / output bookkeeping, all on the device."""
-        batch = logits.shape[0]
-        scores = process_logits(logits, self.params, state.seen)
-        chosen = select_tokens(scores, self.params)
-        chosen = torch.where(state.finished, state.pad, chosen)                      # finished rows emit padding
-        state.out.scatter_(1, state.step.expand(batch, 1), chosen[:, None])
-        newly_done = (chosen[:, None] == state.eos[None, :]).any(dim=1) & ~state.finished
-        state.done_at.copy_(torch.where(newly_done, state.step, state.done_at))
-        state.finished.logical_or_(newly_done)
-        if state.seen is not None:
-            state.seen.scatter_(1, chosen[:, None], True)
-        state.tokens.copy_(chosen)
-        state.step.add_(1)
+    def select(self, logits, state: _DecodeState, grow=False):
+        """Picks the next tokens from logits float32 [B, V] and does the EOS / output bookkeeping, on the device.
+        grow: this follows a decode step, which cached each unfinished row's input token."""
+        params = self.params
+        if params.do_sample:
+            chosen = select_tokens(process_logits(logits, params, state.seen), params)
+            self.ops.update_state(state, chosen=chosen, penalty=params.repetition_penalty, grow=grow)
+        else:
+            self.ops.update_state(state, logits, penalty=params.repetition_penalty, grow=grow)
 
     def decode_step(self, state: _DecodeState):
         """One token per sequence: embed state.tokens, append their K/V, attend over the pages, select."""
-        base, pool = self.base, self.pool
-        batch, heads, dim = state.tokens.shape[0], self.num_heads, self.head_dim
-        positions = state.lengths.long()                                              # [B]
-        slots = self.tables.gather(1, (positions // pool.block_size)[:, None]).squeeze(1).long() * pool.block_size \
-            + positions % pool.block_size                                             # [B]
-        lengths_after = state.lengths + 1                                             # int32 [B]
-        x = base.wte(state.tokens) + base.wpe(positions)                              # [B, E]
+        base, pool, ops, x = self.base, self.pool, self.ops, self.x
+        ops.embed(state.tokens, state.lengths, base.wte.weight, base.wpe.weight, x, self.seq_lens)
         for layer, block in enumerate(base.h):
-            query, key, value = self._attention_inputs(block, x)
-            write_kv_cache(key.view(batch, heads, dim).to(pool.dtype), value.view(batch, heads, dim).to(pool.dtype),
-                           pool.k_pools[layer], pool.v_pools[layer], slots, backend=pool.backend, validate=False)
-            attn = paged_decode_attention(query.view(batch, heads, dim).to(pool.dtype), pool.k_pools[layer],
-                                          pool.v_pools[layer], self.tables, lengths_after, scale=self.scales[layer],
-                                          backend=pool.backend, validate=False)        # [B, H, D]
-            x = x + block.attn.c_proj(attn.reshape(batch, -1).to(x.dtype))
-            x = x + self._mlp(block, block.ln_2(x))
-        logits = self.lm_head(base.ln_f(x)).float()                                  # [B, V]
-        # Finished sequences stop growing: their next (ignored) token overwrites the same slot.
-        state.lengths.add_((~state.finished).int())
-        self.select(logits, state)
+            attn, mlp = block.attn, block.mlp
+            ops.qkv_write(x, _norm(block.ln_1), attn.c_attn.weight, attn.c_attn.bias, self.q, pool.k_pools[layer],
+                          pool.v_pools[layer], self.tables, state.lengths)
+            paged_decode_attention(self.q, pool.k_pools[layer], pool.v_pools[layer], self.tables, self.seq_lens,
+                                   scale=self.scales[layer], backend=pool.backend, validate=False, out=self.attn)
+            ops.linear(self.attn.view(x.shape), attn.c_proj.weight, attn.c_proj.bias, x, residual=True)
+            ops.linear(x, mlp.c_fc.weight, mlp.c_fc.bias, self.hidden, layer_norm=_norm(block.ln_2),
+                       gelu=self.fused_gelu)
+            hidden = self.hidden if self.fused_gelu else mlp.act(self.hidden)
+            ops.linear(hidden, mlp.c_proj.weight, mlp.c_proj.bias, x, residual=True)
+        ops.linear(x, self.lm_head.weight.t(), self.lm_head.bias, self.logits, layer_norm=_norm(base.ln_f))
+        # Finished sequences stop growing (grow skips them): their next, ignored token overwrites the same slot.
+        self.select(self.logits, state, grow=True)
+
+
+def _norm(layer_norm):
+    return layer_norm.weight, layer_norm.bias, layer_norm.eps
+
+
+def _step_ops(backend: str, device: torch.device):
+    """The decode step's fused operations: Triton kernels, or their PyTorch reference for backend="torch" (and
+    for the CUDA backend where Triton is not installed)."""
+    if backend == "torch" or not triton_available(device):
+        from . import step_reference
+        return step_reference
+    from . import triton_step
+    return triton_step
 
 
 def _warm_up(runner: _Runner, state: _DecodeState, steps: int = 2):
@@ -247,7 +270,7 @@ def _session(model, base, lm_head, params, lengths, max_new_tokens, eos, pad, ba
         lengths=torch.zeros(batch, dtype=torch.int32, device=device),
         finished=torch.zeros(batch, dtype=torch.bool, device=device),
         done_at=torch.zeros(batch, dtype=torch.long, device=device),
-        step=torch.zeros(1, dtype=torch.long, device=device),
+        step=torch.zeros(batch, dtype=torch.long, device=device),
         out=torch.zeros(batch, max_new_tokens, dtype=torch.long, device=device),
         seen=torch.zeros(batch, lm_head.out_features, dtype=torch.bool, device=device) if params.uses_penalty else None,
         eos=torch.tensor(eos, dtype=torch.long, device=device), pad=pad)

@@ -55,20 +55,55 @@ def test_greedy_matches_hf_with_attention_scaling_configs(overrides):
                                rtol=0, atol=0)
 
 
-def test_eos_stops_each_sequence_like_hf():
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("overrides", [dict(activation_function="relu"), dict(layer_norm_epsilon=1e-2)])
+def test_greedy_with_penalty_and_other_configs_matches_hf(backend, overrides):
+    """The fused step applies the repetition penalty in its argmax, and runs activations other than tanh GELU
+    (which its c_fc kernel fuses) as the model's own module, with the model's LayerNorm epsilon."""
+    model = make_model(**overrides)
+    ids, mask = padded_batch(prompt_lens=(7, 7))     # unpadded: HF versions differ on penalising padding
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=20, repetition_penalty=1.3)
+    got = kvkernels.generate(model, ids, mask, max_new_tokens=20, repetition_penalty=1.3, backend=backend)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+# As tests/test_hf_patch.py: the default initializer range keeps half-precision logits small enough for these.
+LOGITS_TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 2e-2}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_decode_step_logits_match_hf(backend, dtype):
+    """The last decode step's logits (the fused step's float32 buffer) against HF's forward over the same tokens."""
+    from kvkernels import generation
+
+    model = make_model(dtype=dtype, initializer_range=0.02 if dtype != torch.float32 else 0.3)
+    ids, mask = padded_batch()
+    got = kvkernels.generate(model, ids, mask, max_new_tokens=8, backend=backend)
+    logits = model.__dict__[generation._SESSION].runner.logits                    # [B, V], from got[:, -2]
+    full_mask = torch.cat([mask, torch.ones_like(got[:, ids.shape[1]:])], dim=1)[:, :-1]
+    positions = (full_mask.cumsum(1) - 1).clamp(min=0)                            # as HF generate's position_ids
+    with torch.no_grad():
+        expected = model(got[:, :-1], attention_mask=full_mask, position_ids=positions).logits[:, -1].float()
+    assert torch.isfinite(logits).all()
+    torch.testing.assert_close(logits, expected, rtol=LOGITS_TOLERANCE[dtype], atol=LOGITS_TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eos_stops_each_sequence_like_hf(backend):
     model = make_model()
     ids, mask = padded_batch()
     free_run = model.generate(ids, attention_mask=mask, max_new_tokens=30)[:, ids.shape[1]:]
     # An EOS the first sequence emits early: it finishes while the others go on (a ragged batch).
     eos = int(free_run[0, 4])
     expected = model.generate(ids, attention_mask=mask, max_new_tokens=30, eos_token_id=eos, pad_token_id=0)
-    got = kvkernels.generate(model, ids, mask, max_new_tokens=30, eos_token_id=eos, pad_token_id=0, backend="torch")
+    got = kvkernels.generate(model, ids, mask, max_new_tokens=30, eos_token_id=eos, pad_token_id=0, backend=backend)
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
     assert (got[0, ids.shape[1] + 5:] == 0).all()
     # EOS ids each sequence emits early: everything stops, and the output is as short as HF's.
     stops = [int(row[2]) for row in free_run]
     expected = model.generate(ids, attention_mask=mask, max_new_tokens=30, eos_token_id=stops, pad_token_id=0)
-    got = kvkernels.generate(model, ids, mask, max_new_tokens=30, eos_token_id=stops, pad_token_id=0, backend="torch")
+    got = kvkernels.generate(model, ids, mask, max_new_tokens=30, eos_token_id=stops, pad_token_id=0, backend=backend)
     assert got.shape[1] < ids.shape[1] + 30
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
