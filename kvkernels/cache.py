@@ -250,8 +250,10 @@ class PagedKVCache:
     # -- kernels -------------------------------------------------------------------------------
 
     def slot_tensors(self, layer: int) -> list:
-        """The tensors of `layer` indexed by slot, each viewed as [num_slots, ...]: pages, and per-token scales."""
-        tensors = [self.k_pools[layer], self.v_pools[layer]]
+        """The tensors of `layer` indexed by slot, each viewed as [num_slots, ...]: pages, and per-token scales.
+        fp8 pages come as their bytes (uint8): torch's CPU index_copy_ has no float8 kernel."""
+        pages = [self.k_pools[layer], self.v_pools[layer]]
+        tensors = [p.view(torch.uint8) for p in pages] if self.cache_dtype == torch.float8_e4m3fn else pages
         if self.quantized and self.k_scales[layer].dim() == 3:
             tensors += [self.k_scales[layer], self.v_scales[layer]]
         return [t.view(self.num_blocks * self.block_size, *t.shape[2:]) for t in tensors]

@@ -105,3 +105,26 @@ def test_patch_and_generate_read_the_same_quantized_pages(cache_dtype):
     assert torch.equal(hf, ours)
     error = float((logits - exact_logits).norm() / exact_logits.norm())
     assert 1e-5 < error < 0.1, error  # measured 0.054 (fp8) on this random model: a weak proxy, see BENCHMARKS.md
+
+
+@pytest.mark.parametrize("cache_dtype", QUANT)
+def test_patched_pool_growth_keeps_pages_and_scales(cache_dtype):
+    """A patched cache sized by its first step grows (a rebuild copies pages and per-token scales, bit for bit)
+    and gives the logits of a pool big enough from the start."""
+    model = make_gpt2(device=DEVICE)
+    ids = torch.randint(2, 256, (2, 40), generator=torch.Generator().manual_seed(3)).to(DEVICE)
+
+    def logits(**options):
+        with torch.no_grad(), kvkernels.patched(model, backend="torch", cache_dtype=cache_dtype, **options):
+            out = model(ids[:, :1], use_cache=True)
+            steps = [out.logits[:, -1]]
+            for t in range(1, ids.shape[1]):
+                out = model(ids[:, t:t + 1], past_key_values=out.past_key_values, use_cache=True)
+                steps.append(out.logits[:, -1])
+        return torch.stack(steps), out.past_key_values
+
+    grown, cache = logits()
+    fixed, fixed_cache = logits(max_tokens=256)
+    assert cache.pool.num_blocks > 2, "the pool never grew"
+    assert fixed_cache.pool.num_blocks == 16
+    torch.testing.assert_close(grown, fixed, rtol=0, atol=0)
