@@ -1,15 +1,21 @@
 """Accuracy of fp8 / int8 paged KV against the unquantized cache, measured on the CPU.
 
-    python -m bench.kv_accuracy              # ~3 minutes on 2 CPU cores; writes bench/results/kv_accuracy.{json,md}
+    python -m bench.kv_accuracy              # ~8 minutes on 2 shared CPU cores; writes bench/results/kv_accuracy.json
 
 1. Attention output relative error (Frobenius) of the reference decode over random pages (Gaussian K/V, and
    with two key channels 10x the rest, as real keys have), fp8 / int8 pages with per-token scales vs fp16 pages.
-2. A tiny GPT-2 (2 layers, 4 heads, d=128, byte vocabulary) trained for TRAIN_SECONDS on English text that
-   ships with Python (its LICENSE and pydoc's topic help), then, with kvkernels.patch(cache_dtype=...) against
-   the fp32 cache: teacher-forced next-token KL and top-1 agreement over EVAL_POSITIONS positions of held-out
-   text, and greedy token agreement over GREEDY_TOKENS tokens of kvkernels.generate (up to the first
-   divergence, and position by position). A few minutes of training is a weak model; a random-weight one is a
-   weaker proxy still: real checkpoints (GPT-2 124M and up) are what these numbers stand in for.
+2. Two GPT-2s, each with kvkernels.patch(cache_dtype=...) / kvkernels.generate(cache_dtype=...) against the
+   fp32 cache: teacher-forced next-token KL(fp32 || quantized) and top-1 agreement over EVAL_POSITIONS
+   positions, and greedy token agreement over GREEDY_TOKENS tokens (position by position, and the first
+   divergence).
+   - "trained": 2 layers, 4 heads, d=128, byte vocabulary, trained for TRAIN_SECONDS on English text that ships
+     with Python (pydoc's topic help and the LICENSE) on CONTEXT-byte windows (every position the evaluation
+     uses was trained), a HELD_OUT window left out for the evaluation text and prompt.
+   - "random": 4 layers, 4 heads, d=256, 512 tokens, random weights with initializer_range 0.3 (spread logits:
+     varied greedy tokens), on random token ids.
+   Both are weak proxies: minutes of CPU training make a model that has learned little (its greedy text may
+   be one repeated byte, which agrees trivially), and random weights have none of a trained model's outlier
+   structure. Real checkpoints (GPT-2 124M and up, on a GPU) are what these numbers stand in for.
 """
 import glob
 import json
@@ -24,7 +30,8 @@ from kvkernels import reference
 
 from .common import output_dir
 
-TRAIN_SECONDS, CONTEXT, EVAL_POSITIONS, GREEDY_TOKENS = 150, 128, 300, 500
+TRAIN_SECONDS, CONTEXT, BATCH, EVAL_POSITIONS, GREEDY_TOKENS, PROMPT = 240, 544, 4, 300, 500, 32
+HELD_OUT = slice(100_000, 102_000)  # bytes of pydoc's topic help never trained on
 CACHE_DTYPES = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}
 
 
@@ -62,6 +69,7 @@ def english_bytes() -> torch.Tensor:
 
 
 def train_tiny_gpt2(data, seconds=TRAIN_SECONDS, seed=0):
+    """A byte-level GPT-2 trained on `data` (int64 [N]) for `seconds`; returns (model, steps, last loss)."""
     from transformers import GPT2Config, GPT2LMHeadModel
     torch.manual_seed(seed)
     config = GPT2Config(n_layer=2, n_head=4, n_embd=128, vocab_size=256, n_positions=1024, bos_token_id=0,
@@ -70,14 +78,14 @@ def train_tiny_gpt2(data, seconds=TRAIN_SECONDS, seed=0):
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     start, steps = time.time(), 0
     while time.time() - start < seconds:
-        starts = torch.randint(0, len(data) - CONTEXT - 1, (32,))
+        starts = torch.randint(0, len(data) - CONTEXT - 1, (BATCH,))
         batch = torch.stack([data[s:s + CONTEXT + 1] for s in starts])
         loss = model(batch[:, :-1], labels=batch[:, :-1]).loss
         opt.zero_grad()
         loss.backward()
         opt.step()
         steps += 1
-    return model.eval(), steps, float(loss)
+    return model.eval(), steps, loss.item()
 
 
 @torch.no_grad()
@@ -92,18 +100,18 @@ def teacher_forced(model, ids, cache_dtype):
     return torch.stack(logits).float().log_softmax(-1)
 
 
-def model_metrics(model, data):
-    held_out = data[-(EVAL_POSITIONS + 1):][None]                     # the last bytes: never a training start
-    exact = teacher_forced(model, held_out, None)
-    prompt = data[-600:-600 + 32][None]
+def model_metrics(model, text, prompt):
+    """text int64 [1, EVAL_POSITIONS + 1] for teacher forcing; prompt int64 [1, PROMPT] for greedy decoding."""
+    exact = teacher_forced(model, text, None)
     greedy_exact = kvkernels.generate(model, prompt, max_new_tokens=GREEDY_TOKENS, backend="torch",
-                                      eos_token_id=[])[0, 32:]
-    results = {"next-byte loss (fp32 cache)": float(F.nll_loss(exact[:-1], held_out[0, 1:]))}
+                                      eos_token_id=[])[0, PROMPT:]
+    results = {"next-token loss (fp32 cache, nats)": float(F.nll_loss(exact[:-1], text[0, 1:])),
+               "greedy distinct tokens (fp32 cache)": int(greedy_exact.unique().numel())}
     for name in CACHE_DTYPES:
-        quant = teacher_forced(model, held_out, name)
+        quant = teacher_forced(model, text, name)
         kl = F.kl_div(quant, exact, log_target=True, reduction="none").sum(-1)       # KL(exact || quant) [T]
         greedy = kvkernels.generate(model, prompt, max_new_tokens=GREEDY_TOKENS, backend="torch", eos_token_id=[],
-                                    cache_dtype=name)[0, 32:]
+                                    cache_dtype=name)[0, PROMPT:]
         same = greedy == greedy_exact
         results[name] = dict(
             kl_mean=float(kl.mean()), kl_max=float(kl.max()),
@@ -113,13 +121,24 @@ def model_metrics(model, data):
     return results
 
 
+def random_gpt2(seed=0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(seed)
+    config = GPT2Config(n_layer=4, n_head=4, n_embd=256, vocab_size=512, n_positions=1024, bos_token_id=0,
+                        eos_token_id=0, pad_token_id=0, initializer_range=0.3)
+    return GPT2LMHeadModel(config).eval()
+
+
 def main():
     torch.set_num_threads(2)
     results = {"attention_relative_error": attention_errors()}
     data = english_bytes()
-    model, steps, loss = train_tiny_gpt2(data[:-2000])
-    results["model"] = dict(train_seconds=TRAIN_SECONDS, steps=steps, final_train_loss=loss, text_bytes=len(data))
-    results.update(model_metrics(model, data))
+    model, steps, loss = train_tiny_gpt2(torch.cat([data[:HELD_OUT.start], data[HELD_OUT.stop:]]))
+    held_out = data[HELD_OUT]
+    results["trained"] = dict(train_seconds=TRAIN_SECONDS, steps=steps, final_train_loss=loss, text_bytes=len(data),
+                              **model_metrics(model, held_out[None, :EVAL_POSITIONS + 1], held_out[None, -PROMPT:]))
+    ids = torch.randint(0, 512, (1, EVAL_POSITIONS + 1 + PROMPT), generator=torch.Generator().manual_seed(1))
+    results["random"] = model_metrics(random_gpt2(), ids[:, :EVAL_POSITIONS + 1], ids[:, -PROMPT:])
     directory = output_dir(None, quick=False)
     with open(os.path.join(directory, "kv_accuracy.json"), "w") as f:
         json.dump(results, f, indent=1)

@@ -137,7 +137,8 @@ class _Runner:
             pool.append(layer, key, value, slots)
             if pool.quantized:  # attend over what the pages hold, as decode will (padding keeps its own rows)
                 stored = pool.read(layer, slots.clamp(min=0))
-                key, value = (torch.where(real.reshape(-1, 1, 1), page, fresh) for page, fresh in zip(stored, (key, value)))
+                key, value = (torch.where(real.reshape(-1, 1, 1), page, fresh)
+                              for page, fresh in zip(stored, (key, value)))
             compute = torch.float32 if block.attn.reorder_and_upcast_attn else x.dtype
             q, k, v = (t.view(shape).transpose(1, 2).to(compute) for t in (query, key, value))
             attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scales[layer])  # [B, H, P, D]

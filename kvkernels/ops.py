@@ -6,8 +6,8 @@ import os
 import torch
 
 from . import reference
-from ._validate import (check_decode_inputs, check_decode_values, check_kv_scales, check_slot_values, check_write_inputs,
-                        is_quantized)
+from ._validate import (check_decode_inputs, check_decode_values, check_kv_scales, check_slot_values,
+                        check_write_inputs, is_quantized)
 
 BACKENDS = ("auto", "triton", "cuda", "torch")
 

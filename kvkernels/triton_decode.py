@@ -331,7 +331,8 @@ def default_num_splits(shape, dtype: torch.dtype, device: torch.device, min_spli
     occupancy = split_kernel_ctas_per_sm(device, dtype, shape.num_heads // shape.num_kv_heads, shape.head_dim,
                                          shape.block_size, cache_dtype)
     return choose_num_splits(shape.batch, shape.num_kv_heads, shape.max_blocks_per_seq * shape.block_size,
-                             num_sms(device), occupancy, decode_config(shape, dtype, cache_dtype).tile, min_split_tokens)
+                             num_sms(device), occupancy, decode_config(shape, dtype, cache_dtype).tile,
+                             min_split_tokens)
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, shape, scale, out,

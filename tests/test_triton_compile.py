@@ -67,7 +67,8 @@ def test_kv_tiles_stream_with_wide_loads_issued_together(analysis, case):
     row, (_, _, kv_bytes, min_width, _) = analysis[case], DESIGN_POINTS[case]
     wide_bytes = sum(count * int(width) // 8 * 32 * row["warps"] for width, count in row["load_widths"].items()
                      if int(width) >= min_width)
-    assert wide_bytes >= kv_bytes, f"{case}: only {wide_bytes} of a tile's {kv_bytes} K/V bytes in {min_width}-bit loads"
+    assert wide_bytes >= kv_bytes, \
+        f"{case}: only {wide_bytes} of a tile's {kv_bytes} K/V bytes in {min_width}-bit loads"
     # table entries (prefetched a tile ahead), K and V: one DRAM latency per tile, not three in series
     assert row["serial_load_groups"] == 1, row
 
