@@ -136,6 +136,20 @@ def check_decode_values(block_tables, seq_lens, shape: DecodeShape) -> None:
                          f"[0, num_blocks={shape.num_blocks})")
 
 
+def check_split_counters(split_counters, shape: DecodeShape, device: torch.device, check_zero: bool) -> None:
+    """Checks the decode's split counters: int32 [B, H_kv], contiguous, on `device`; all zero when check_zero
+    (one device sync; skipped under graph capture)."""
+    _require_tensor("split_counters", split_counters)
+    expected = (shape.batch, shape.num_kv_heads)
+    if (split_counters.dtype != torch.int32 or tuple(split_counters.shape) != expected
+            or split_counters.device != device or not split_counters.is_contiguous()):
+        raise ValueError(f"split_counters must be a contiguous int32 tensor of shape {expected} on {device}, got "
+                         f"{split_counters.dtype} {tuple(split_counters.shape)} on {split_counters.device}")
+    if check_zero and not _capturing(device) and bool(split_counters.any()):
+        raise ValueError("split_counters must be all zero (the kernel leaves them zero; do not share them "
+                         "between decodes running at the same time)")
+
+
 def check_write_inputs(k, v, k_cache, v_cache, slot_mapping, dtypes=KERNEL_DTYPES):
     """Checks write_kv_cache's arguments (no device sync). Returns (num_tokens, num_slots)."""
     for name, x in (("k", k), ("v", v), ("k_cache", k_cache), ("v_cache", v_cache), ("slot_mapping", slot_mapping)):

@@ -8,8 +8,9 @@ and updates device tensors that never move:
 The step is one Python function of fused kernels (kvkernels.triton_step, or kvkernels.step_reference for the
 PyTorch backend): an embedding prologue, five launches per layer (LayerNorm + QKV GEMM + K/V write, paged
 decode attention, c_proj + residual, LayerNorm + c_fc + GELU, mlp c_proj + residual), ln_f + lm_head, and
-one epilogue for the greedy choice and the EOS bookkeeping: 63 launches for GPT-2 124M (12 more when
-attention splits), where the module-by-module step took about 160. It runs eagerly on the CPU, and on CUDA
+one epilogue for the greedy choice and the EOS bookkeeping: 63 launches for GPT-2 124M (also when attention
+splits a long context: its merge runs in the attention kernel's last program), where the module-by-module
+step took about 160. It runs eagerly on the CPU, and on CUDA
 it is captured once and replayed per token. The host reads the device only every EOS_CHECK_EVERY tokens
 (each token for a streamer).
 
@@ -91,6 +92,8 @@ class _Runner:
         self.seq_lens = torch.empty(batch, dtype=torch.int32, device=weight.device)  # lengths attention sees
         self.q = weight.new_empty(batch, self.num_heads, self.head_dim)               # [B, H, D]
         self.attn = torch.empty_like(self.q)                                        # [B, H, D]
+        # A split attention merges in its own last program (no merge launch); the kernel leaves these zero.
+        self.split_counters = torch.zeros(batch, self.num_heads, dtype=torch.int32, device=weight.device)
         self.hidden = weight.new_empty(batch, inner_dim)                            # MLP activations [B, 4E]
         self.logits = torch.empty(batch, lm_head.out_features, dtype=torch.float32, device=weight.device)
         if pool.quantized:
@@ -175,7 +178,8 @@ class _Runner:
                               pool.k_pools[layer], pool.v_pools[layer], self.tables, state.lengths)
             paged_decode_attention(self.q, pool.k_pools[layer], pool.v_pools[layer], self.tables, self.seq_lens,
                                    scale=self.scales[layer], k_scale=pool.k_scales[layer],
-                                   v_scale=pool.v_scales[layer], backend=pool.backend, validate=False, out=self.attn)
+                                   v_scale=pool.v_scales[layer], backend=pool.backend, validate=False, out=self.attn,
+                                   split_counters=self.split_counters)
             ops.linear(self.attn.view(x.shape), attn.c_proj.weight, attn.c_proj.bias, x, residual=True)
             ops.linear(x, mlp.c_fc.weight, mlp.c_fc.bias, self.hidden, layer_norm=_norm(block.ln_2),
                        gelu=self.fused_gelu)

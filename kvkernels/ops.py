@@ -7,7 +7,7 @@ import torch
 
 from . import reference
 from ._validate import (check_decode_inputs, check_decode_values, check_kv_scales, check_slot_values,
-                        check_write_inputs, is_quantized)
+                        check_split_counters, check_write_inputs, is_quantized)
 
 BACKENDS = ("auto", "triton", "cuda", "torch")
 
@@ -85,7 +85,7 @@ def resolve_backend(backend: str, device: torch.device, shape=None, quantized=Fa
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, *, scale=None, k_scale=None, v_scale=None,
-                           backend="auto", validate=True, out=None):
+                           backend="auto", validate=True, out=None, split_counters=None):
     """Single-query attention for each sequence over its pages of a paged KV cache.
 
     Args:
@@ -107,6 +107,10 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, *, scale
             CUDA graph). Callers that own the tables, like PagedKVCache, pass False.
         out: optional [B, H, D] tensor of q's dtype and device to write into (a static buffer for CUDA
             graphs); allocated when None.
+        split_counters: optional int32 [B, H_kv] on q's device, all zero, which the kernel leaves zero: with
+            them a split Triton decode merges its partitions in its last program instead of a second launch
+            (the CUDA backend keeps its merge launch). Reuse one tensor across calls on the same stream; calls
+            running concurrently need their own.
 
     Returns:
         out: [B, H, D] in q's dtype.
@@ -119,6 +123,8 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, *, scale
     elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1:
         raise ValueError(f"out must be a {tuple(q.shape)} {q.dtype} tensor on {q.device} with a contiguous last dim, "
                          f"got {tuple(out.shape)} {out.dtype} on {out.device}")
+    if split_counters is not None:
+        check_split_counters(split_counters, shape, q.device, validate)
     if validate:
         check_decode_values(block_tables, seq_lens, shape)
     scale = shape.head_dim ** -0.5 if scale is None else float(scale)
@@ -132,7 +138,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, *, scale
     else:
         from . import triton_decode
         triton_decode.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, shape, scale, out,
-                                             k_scale=k_scale, v_scale=v_scale)
+                                             split_counters=split_counters, k_scale=k_scale, v_scale=v_scale)
     return out
 
 

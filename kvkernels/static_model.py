@@ -187,7 +187,27 @@ def analyse(kernel) -> dict:
         bytes_in_flight_per_cta=sum(_load_bytes_per_thread(op) for op in loads) * 32 * warps // max(1, len(groups)),
         barriers_per_tile=sum(op.startswith("BAR") for _, op, _ in body),
         shuffles_per_tile=sum(op.startswith("SHFL") for _, op, _ in body),
+        split_counter_ordered=_split_counter_ordered([op for _, op, _ in instructions]),
     )
+
+
+def _split_counter_ordered(ops):
+    """For a kernel whose programs count finished splits with an atomic add (the folded merge): whether a
+    CTA barrier and then a GPU-scope fence come before the add with no store between (every thread's partials
+    are released with it), and an L1 invalidation right after it (the merge then reads the other programs'
+    partials, not stale lines). None for a kernel without such an add."""
+    adds = [i for i, op in enumerate(ops) if op.startswith("ATOMG") and ".ADD" in op]
+    if not adds:
+        return None
+    add = adds[0]
+    barrier = max((i for i, op in enumerate(ops[:add]) if op.startswith("BAR.SYNC")), default=None)
+    if barrier is None:
+        return False
+    between = ops[barrier + 1:add]
+    fenced = any(op.startswith("MEMBAR") and op.endswith(".GPU") for op in between)
+    stores = any(op.startswith(("STG", "ST.", "RED")) for op in between)
+    invalidated = any(op.startswith("CCTL.IVALL") for op in ops[add + 1:add + 4])
+    return fenced and not stores and invalidated
 
 
 def _point_tensors(point: DecodePoint):
@@ -202,14 +222,16 @@ def _point_tensors(point: DecodePoint):
     return q, cache, cache, tables, lens, scales
 
 
-def point_launches(point: DecodePoint, num_splits: int):
+def point_launches(point: DecodePoint, num_splits: int, fold_merge: bool = False):
     """[(kernel, args, kwargs, grid)] of a decode at `point` with `num_splits` (small stand-in tensors with
-    the real strides: only strides, alignment and ints decide the specialisation)."""
+    the real strides: only strides, alignment and ints decide the specialisation); fold_merge: with split
+    counters, as kvkernels.generate launches it (the merge in the decode kernel)."""
     q, k_cache, v_cache, tables, lens, scales = _point_tensors(point)
     shape = check_decode_inputs(q, k_cache, v_cache, tables, lens)
     config = triton_decode.decode_config(shape, q.dtype, k_cache.dtype)
+    counters = torch.zeros(point.batch, point.num_kv_heads, dtype=torch.int32) if fold_merge else None
     return triton_decode.decode_launches(q, k_cache, v_cache, tables, lens, shape, 1.0, torch.empty_like(q), config,
-                                         num_splits, k_scale=scales, v_scale=scales)
+                                         num_splits, split_counters=counters, k_scale=scales, v_scale=scales)
 
 
 def point_splits(point: DecodePoint, sms: int = SMS) -> int:

@@ -3,7 +3,8 @@
 Grid of the main kernel: (batch, kv_head, split). A program serves every query head of its KV head
 (grouped-query heads share one read of K/V) over one contiguous partition of the context. With one
 split it writes the normalised output directly; otherwise it writes an fp32 partial output and its
-base-2 log-sum-exp, and `_merge_splits_kernel` combines them.
+base-2 log-sum-exp, and `_merge_splits_kernel` combines them. Given zeroed split counters, the last program of
+each (sequence, KV head) to finish does that merge itself, which saves the second launch.
 
 Decode streams K/V, so the loop is built for bytes in flight: each tile's block-table entries are loaded
 a tile ahead, K and V are issued together, one head per KV head reduces [N, D] x [D] in registers and
@@ -35,11 +36,13 @@ STATIC_CTAS_PER_SM = {(False, False): 6, (True, False): 5, (False, True): 5, (Tr
 
 @triton.jit
 def _split_bounds(seq_len, split, max_splits, MIN_SPLIT_TOKENS: tl.constexpr, TILE_N: tl.constexpr):
-    # Per-sequence layout, recomputed identically by the merge kernel: short sequences use fewer splits.
+    # Per-sequence layout, recomputed identically by the merge: short sequences use fewer splits. Returns
+    # the split's [start, end) and how many splits this sequence uses (split 0 always runs, also at length 0).
     num_splits = tl.minimum(tl.maximum(tl.cdiv(seq_len, MIN_SPLIT_TOKENS), 1), max_splits)
     tokens_per_split = tl.cdiv(tl.cdiv(seq_len, num_splits), TILE_N) * TILE_N
     start = split * tokens_per_split
-    return start, tl.minimum(start + tokens_per_split, seq_len)
+    used = tl.maximum(tl.cdiv(seq_len, tl.maximum(tokens_per_split, 1)), 1)
+    return start, tl.minimum(start + tokens_per_split, seq_len), used
 
 
 @triton.jit
@@ -81,7 +84,7 @@ def _load_tile_scales(k_scale_base, v_scale_base, block_ids, tokens, end,
 @triton.jit
 def _paged_decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
-    out_ptr, partial_out_ptr, partial_lse_ptr,
+    out_ptr, partial_out_ptr, partial_lse_ptr, split_counters_ptr,
     k_scale_ptr, v_scale_ptr,  # fp32 scales of fp8 / int8 pages; unread otherwise
     qk_scale,  # softmax scale * log2(e): the kernel works in base 2
     stride_qb, stride_qh,
@@ -98,14 +101,15 @@ def _paged_decode_kernel(
     BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr,
     SPLIT: tl.constexpr, MIN_SPLIT_TOKENS: tl.constexpr, NUM_STAGES: tl.constexpr,
     DOT_IN_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    FOLD_MERGE: tl.constexpr, SPLITS_PAD: tl.constexpr,
     QUANTIZED: tl.constexpr, PER_TOKEN_SCALES: tl.constexpr, QUANT_MAX: tl.constexpr, QUANT_INT: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = _clamped_seq_len(seq_lens_ptr, seq, max_blocks_per_seq, BLOCK_SIZE)
-    start, end = _split_bounds(seq_len, split, max_splits, MIN_SPLIT_TOKENS, TILE_N)
-    if split > 0 and start >= seq_len:
+    start, end, used = _split_bounds(seq_len, split, max_splits, MIN_SPLIT_TOKENS, TILE_N)
+    if split >= used:
         return  # this sequence needs fewer splits; the merge ignores this slot
 
     group = tl.arange(0, GROUP_PAD)
@@ -202,6 +206,37 @@ def _paged_decode_kernel(
         row = (seq * (GROUP * tl.num_programs(1)) + heads).to(tl.int64) * max_splits + split    # [G]
         tl.store(partial_out_ptr + row[:, None] * HEAD_DIM + dims[None, :], out, mask=q_mask)
         tl.store(partial_lse_ptr + row, lse, mask=head_mask)
+        if FOLD_MERGE:
+            # Every thread's partial stores come before the barrier, the barrier before the counter's release:
+            # the program that arrives last sees every split of its group. It leaves the counter at zero for
+            # the next launch (a replayed CUDA graph reuses the same counters).
+            tl.debug_barrier()
+            counter = split_counters_ptr + seq * tl.num_programs(1) + kv_head
+            arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+            if arrived == used - 1:
+                tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
+                num_heads = GROUP * tl.num_programs(1)
+                for g in tl.static_range(GROUP):
+                    head = kv_head * GROUP + g
+                    _merge_head(partial_out_ptr, partial_lse_ptr, out_ptr + seq * stride_ob + head * stride_oh,
+                                (seq * num_heads + head).to(tl.int64) * max_splits, used, dims, dim_mask,
+                                HEAD_DIM, SPLITS_PAD)
+
+
+@triton.jit
+def _merge_head(partial_out_ptr, partial_lse_ptr, out_ptr, row_start, used, dims, dim_mask,
+                HEAD_DIM: tl.constexpr, SPLITS_PAD: tl.constexpr):
+    # One head's output from the `used` partials at rows row_start + [0, used), weighted by exp2(lse).
+    # Loads go through L2 (.cg): other programs wrote these rows.
+    splits = tl.arange(0, SPLITS_PAD)
+    written = splits < used                                                    # [S]
+    row = row_start + splits                                                   # [S]
+    lse = tl.load(partial_lse_ptr + row, mask=written, other=float("-inf"), cache_modifier=".cg")
+    weights = tl.where(written, tl.exp2(lse - tl.max(lse, axis=0)), 0.0)       # [S]
+    partial = tl.load(partial_out_ptr + row[:, None] * HEAD_DIM + dims[None, :],
+                      mask=written[:, None] & dim_mask[None, :], other=0.0, cache_modifier=".cg")  # [S, D]
+    out = tl.sum(weights[:, None] * partial, axis=0) / tl.sum(weights, axis=0)
+    tl.store(out_ptr + dims, out.to(out_ptr.dtype.element_ty), mask=dim_mask)
 
 
 @triton.jit
@@ -214,18 +249,11 @@ def _merge_splits_kernel(
     seq = tl.program_id(0)
     head = tl.program_id(1)
     seq_len = _clamped_seq_len(seq_lens_ptr, seq, max_blocks_per_seq, BLOCK_SIZE)
-    splits = tl.arange(0, SPLITS_PAD)
-    start, _ = _split_bounds(seq_len, splits, max_splits, MIN_SPLIT_TOKENS, TILE_N)
-    written = (splits < max_splits) & (start < seq_len)                        # [S] slots the main kernel filled
+    _, _, used = _split_bounds(seq_len, 0, max_splits, MIN_SPLIT_TOKENS, TILE_N)
     dims = tl.arange(0, HEAD_DIM_PAD)
-    dim_mask = dims < HEAD_DIM
-    row = (seq * num_heads + head).to(tl.int64) * max_splits + splits          # [S]
-    lse = tl.load(partial_lse_ptr + row, mask=written, other=float("-inf"))
-    weights = tl.where(written, tl.exp2(lse - tl.max(lse, axis=0)), 0.0)       # [S]
-    partial = tl.load(partial_out_ptr + row[:, None] * HEAD_DIM + dims[None, :],
-                      mask=written[:, None] & dim_mask[None, :], other=0.0)    # [S, D]
-    out = tl.sum(weights[:, None] * partial, axis=0) / tl.sum(weights, axis=0)
-    tl.store(out_ptr + seq * stride_ob + head * stride_oh + dims, out.to(out_ptr.dtype.element_ty), mask=dim_mask)
+    _merge_head(partial_out_ptr, partial_lse_ptr, out_ptr + seq * stride_ob + head * stride_oh,
+                (seq * num_heads + head).to(tl.int64) * max_splits, used, dims, dims < HEAD_DIM,
+                HEAD_DIM, SPLITS_PAD)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,9 +284,10 @@ def decode_config(shape, dtype: torch.dtype, cache_dtype: torch.dtype = None) ->
 
 
 def decode_launches(q, k_cache, v_cache, block_tables, seq_lens, shape, scale, out, config, num_splits,
-                    min_split_tokens=MIN_SPLIT_TOKENS, k_scale=None, v_scale=None):
+                    min_split_tokens=MIN_SPLIT_TOKENS, split_counters=None, k_scale=None, v_scale=None):
     """The kernel launches of one decode as [(kernel, args, kwargs, grid)]: run by `paged_decode_attention`,
-    compiled for sm_90 by `kvkernels.static_model`. Shapes as in `paged_decode_attention`."""
+    compiled for sm_90 by `kvkernels.static_model`. Shapes as in `paged_decode_attention`; with split
+    counters a split decode is one launch (the merge folded into it), else two."""
     batch, num_heads, head_dim = shape.batch, shape.num_heads, shape.head_dim
     group = num_heads // shape.num_kv_heads
     head_dim_pad = max(16, triton.next_power_of_2(head_dim))
@@ -268,8 +297,11 @@ def decode_launches(q, k_cache, v_cache, block_tables, seq_lens, shape, scale, o
         partial_lse = torch.empty(batch, num_heads, num_splits, device=q.device, dtype=torch.float32)
     else:
         partial_out = partial_lse = out  # unused: the kernel writes `out` directly
+    fold_merge = num_splits > 1 and split_counters is not None
+    splits_pad = triton.next_power_of_2(num_splits)
     launches = [(_paged_decode_kernel, (
         q, k_cache, v_cache, block_tables, seq_lens, out, partial_out, partial_lse,
+        split_counters if fold_merge else seq_lens,  # unused without the fold
         k_cache if k_scale is None else k_scale, v_cache if v_scale is None else v_scale,  # unread without scales
         scale * LOG2_E,
         q.stride(0), q.stride(1),
@@ -283,16 +315,17 @@ def decode_launches(q, k_cache, v_cache, block_tables, seq_lens, shape, scale, o
         HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, GROUP=group, GROUP_PAD=group_pad,
         BLOCK_SIZE=shape.block_size, TILE_N=config.tile, SPLIT=num_splits > 1, MIN_SPLIT_TOKENS=min_split_tokens,
         NUM_STAGES=config.num_stages, DOT_IN_FP32=q.dtype != torch.float16,
-        DOT_PRECISION="tf32" if q.dtype == torch.bfloat16 else "ieee", num_warps=config.num_warps,
+        DOT_PRECISION="tf32" if q.dtype == torch.bfloat16 else "ieee", FOLD_MERGE=fold_merge,
+        SPLITS_PAD=splits_pad if fold_merge else 1, num_warps=config.num_warps,
         **quant_constexprs(k_cache, k_scale),
     ), (batch, shape.num_kv_heads, num_splits))]
-    if num_splits > 1:
+    if num_splits > 1 and not fold_merge:
         launches.append((_merge_splits_kernel, (
             partial_out, partial_lse, seq_lens, out,
             out.stride(0), out.stride(1), num_heads, shape.max_blocks_per_seq, num_splits,
         ), dict(
             HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_SIZE=shape.block_size, TILE_N=config.tile,
-            SPLITS_PAD=triton.next_power_of_2(num_splits), MIN_SPLIT_TOKENS=min_split_tokens,
+            SPLITS_PAD=splits_pad, MIN_SPLIT_TOKENS=min_split_tokens,
         ), (batch, num_heads, 1)))
     return launches
 
@@ -336,13 +369,16 @@ def default_num_splits(shape, dtype: torch.dtype, device: torch.device, min_spli
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, shape, scale, out,
-                           *, num_splits=None, min_split_tokens=MIN_SPLIT_TOKENS, k_scale=None, v_scale=None):
-    """Launches the decode kernel (and the merge when splitting) into `out`. Inputs checked by kvkernels.ops.
+                           *, num_splits=None, min_split_tokens=MIN_SPLIT_TOKENS, split_counters=None, k_scale=None,
+                           v_scale=None):
+    """Launches the decode kernel (and the merge when splitting without counters) into `out`. Inputs checked
+    by kvkernels.ops.
 
     q, out [B, H, D]; k_cache, v_cache [num_blocks, block_size, H_kv, D] (q's dtype, or fp8 / int8 with
     fp32 k_scale, v_scale [num_blocks, block_size, H_kv] or [H_kv]); block_tables int32 [B, M];
     seq_lens int32 [B]; shape: the DecodeShape from validation.
     num_splits: the static maximum partitions per sequence (default: from occupancy, kvkernels.split).
+    split_counters: optional int32 [B, H_kv], all zero; the kernel leaves them zero.
     """
     if shape.batch == 0:
         return out
@@ -350,6 +386,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, shape, s
     if num_splits is None:
         num_splits = default_num_splits(shape, q.dtype, q.device, min_split_tokens, k_cache.dtype)
     for kernel, args, kwargs, grid in decode_launches(q, k_cache, v_cache, block_tables, seq_lens, shape, scale, out,
-                                                      config, num_splits, min_split_tokens, k_scale, v_scale):
+                                                      config, num_splits, min_split_tokens, split_counters,
+                                                      k_scale, v_scale):
         kernel[grid](*args, **kwargs)
     return out

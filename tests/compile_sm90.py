@@ -41,6 +41,9 @@ DECODE_CASES = {
     "decode-fp32-d256-int8": (point("float32", 256, 2, 2, cache_dtype=INT8), 1),
     "decode-fp32-d128-gqa4-fp8": (point("float32", 128, 8, 2, cache_dtype=FP8), 1),
 }
+# the same design points with the merge folded into the decode kernel (split counters, as generate runs it)
+FOLDED_CASES = {name + "-folded": case for name, case in DECODE_CASES.items() if name in ("gpt2-split22",
+                                                                                          "gqa-32x8-d128-split8")}
 
 
 def write_case(num_kv_heads=12, head_dim=64, block_size=16, cache_dtype=torch.float16):
@@ -56,6 +59,9 @@ def analyse_all():
         launches = static_model.point_launches(decode_point, splits)
         for suffix, (fn, args, kwargs, _) in zip(["", "-merge"], launches):
             results[name + suffix] = static_model.analyse(static_model.compile_launch(fn, args, kwargs))
+    for name, (decode_point, splits) in FOLDED_CASES.items():
+        (fn, args, kwargs, _), = static_model.point_launches(decode_point, splits, fold_merge=True)
+        results[name] = static_model.analyse(static_model.compile_launch(fn, args, kwargs))
     for name, cache_dtype in (("write-h12-d64", torch.float16), ("write-h12-d64-fp8", torch.float8_e4m3fn),
                               ("write-h12-d64-int8", torch.int8)):
         fn, args, kwargs, _ = write_case(cache_dtype=cache_dtype)

@@ -1,7 +1,15 @@
-"""Random paged-KV problems for the kernel tests: ragged lengths, shuffled tables, NaN in every free slot."""
+"""Random paged-KV problems for the kernel tests: ragged lengths, shuffled tables, NaN in every free slot;
+tiny GPT-2s; the sm_90 compile scripts' runner."""
+import json
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
 
+import pytest
 import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @dataclass
@@ -94,3 +102,19 @@ def padded_batch(prompt_lens=(9, 5, 7), vocab=256, seed=1, device="cpu"):
     for row, n in enumerate(prompt_lens):
         mask[row, width - n:] = 1
     return ids.masked_fill(mask == 0, 0).to(device), mask.to(device)
+
+
+def run_sm90_compile(script, *args, timeout=900):
+    """Runs tests/<script>, which compiles kernels for sm_90 and prints JSON last, in a child process without
+    TRITON_INTERPRET (the compiler needs real @triton.jit functions) on this checkout's kvkernels; returns
+    that JSON. Skips where the installed triton ships no NVIDIA toolchain."""
+    import triton
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")):
+        pytest.skip("this triton build ships no NVIDIA toolchain")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in [env.get("PYTHONPATH")] if p])
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "tests", script), *args], env=env,
+                         capture_output=True, text=True, timeout=timeout)
+    assert run.returncode == 0, run.stderr[-4000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])

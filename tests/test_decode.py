@@ -1,4 +1,9 @@
 """Every kernel backend against the reference: dtypes, head dims, block sizes, splits, GQA, ragged lengths."""
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
 import types
 
 import pytest
@@ -55,29 +60,49 @@ def test_grouped_query_heads(backend, dtype, heads):
     check_against_reference(p, run_backend(p, backend, scale=0.3), scale=0.3)
 
 
+def zero_counters(p):
+    """Split counters for p's decode: int32 [B, H_kv], zero."""
+    return torch.zeros(p.q.shape[0], p.k_cache.shape[2], dtype=torch.int32, device=p.q.device)
+
+
+def check_counters_left_zero(counters):
+    if counters is not None:
+        assert not counters.any(), "the folded merge must leave its counters at zero for the next launch"
+
+
 @settings(max_examples=25, deadline=None)
 @given(lens=st.lists(st.integers(1, 90), min_size=1, max_size=4), block_size=st.sampled_from([4, 8, 16]),
-       group=st.sampled_from([1, 2, 3]), num_splits=st.integers(1, 4), seed=st.integers(0, 2**16))
-def test_triton_random_ragged_batches(lens, block_size, group, num_splits, seed):
+       group=st.sampled_from([1, 2, 3]), num_splits=st.integers(1, 4), fold=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_triton_random_ragged_batches(lens, block_size, group, num_splits, fold, seed):
     p = make_problem(lens, num_heads=2 * group, num_kv_heads=2, head_dim=32, block_size=block_size, device=DEVICE,
                      generator=torch.Generator().manual_seed(seed))
     out = nan_output(p.q)
+    counters = zero_counters(p) if fold else None
     triton_decode.paged_decode_attention(*p.args(), check_decode_inputs(*p.args()), 32 ** -0.5, out,
-                                         num_splits=num_splits, min_split_tokens=16)
+                                         num_splits=num_splits, min_split_tokens=16, split_counters=counters)
     check_against_reference(p, out)
+    check_counters_left_zero(counters)
+
+
+def split_config(head_dim=64):
+    return triton_decode.decode_config(types.SimpleNamespace(head_dim=head_dim), torch.float16)
 
 
 def split_tile(head_dim=64):
-    return triton_decode.decode_config(types.SimpleNamespace(head_dim=head_dim, num_heads=2, num_kv_heads=2),
-                                       torch.float16).tile
+    return split_config(head_dim).tile
 
 
+@pytest.mark.parametrize("fold", [False, True], ids=["merge-launch", "merge-folded"])
+@pytest.mark.parametrize("heads", [(2, 2), (8, 2)], ids=["mha", "gqa4"])
 @pytest.mark.parametrize("num_splits", [1, 2, 3, 5])
-def test_triton_split_k_matches_reference(num_splits, monkeypatch):
-    """Forced split counts at lengths around partition edges; partial buffers start as NaN."""
+def test_triton_split_k_matches_reference(num_splits, heads, fold, monkeypatch):
+    """Forced split counts at lengths around partition edges; partial buffers start as NaN. Folded: the last
+    program of each (sequence, KV head) merges, twice in a row on the same counters."""
     tile = split_tile()
     lens = [1, tile - 1, tile, tile + 1, 3 * tile - 1, 3 * tile + 1, 5 * tile]
-    p = make_problem(lens, num_heads=2, num_kv_heads=2, head_dim=64, dtype=torch.float16, device=DEVICE)
+    p = make_problem(lens, num_heads=heads[0], num_kv_heads=heads[1], head_dim=64, dtype=torch.float16,
+                     device=DEVICE)
     real_empty = torch.empty
 
     def nan_empty(*size, **kw):  # poison the fp32 partial buffers: unwritten slots must never be merged
@@ -86,10 +111,16 @@ def test_triton_split_k_matches_reference(num_splits, monkeypatch):
 
     monkeypatch.setattr(torch, "empty", nan_empty)
     shape = check_decode_inputs(*p.args())
-    out = nan_output(p.q)
-    triton_decode.paged_decode_attention(*p.args(), shape, 64 ** -0.5, out, num_splits=num_splits,
-                                         min_split_tokens=tile)
-    check_against_reference(p, out)
+    counters = zero_counters(p) if fold else None
+    for _ in range(2 if fold else 1):
+        out = nan_output(p.q)
+        launches = triton_decode.decode_launches(*p.args(), shape, 64 ** -0.5, out, split_config(), num_splits,
+                                                 tile, counters)
+        assert len(launches) == (2 if num_splits > 1 and not fold else 1)
+        triton_decode.paged_decode_attention(*p.args(), shape, 64 ** -0.5, out, num_splits=num_splits,
+                                             min_split_tokens=tile, split_counters=counters)
+        check_against_reference(p, out)
+        check_counters_left_zero(counters)
 
 
 def test_triton_default_split_heuristic_splits_long_contexts():
@@ -135,20 +166,22 @@ def test_empty_batch(backend):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("fold", [False, True], ids=["merge-launch", "merge-folded"])
 @pytest.mark.parametrize("backend", BACKENDS[1:])
-def test_cuda_graph_replay_follows_new_lengths_and_tables(backend):
+def test_cuda_graph_replay_follows_new_lengths_and_tables(backend, fold):
     """Capture once; permute the tables, shorten the lengths and redraw q in place; replays equal eager."""
-    p = make_problem([300, 7, 64], num_heads=4, num_kv_heads=2, head_dim=64, dtype=torch.float16, device="cuda")
+    p = make_problem([3000, 7, 640], num_heads=4, num_kv_heads=2, head_dim=64, dtype=torch.float16, device="cuda")
     tables0, lens0 = p.block_tables.clone(), p.seq_lens.clone()
     out = nan_output(p.q)
-    kw = dict(backend=backend, validate=False, out=out)
+    counters = zero_counters(p) if fold else None
+    kw = dict(backend=backend, validate=False, out=out, split_counters=counters)
     kvkernels.paged_decode_attention(*p.args(), **kw)  # compile / warm up outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         kvkernels.paged_decode_attention(*p.args(), **kw)
     # each row keeps a table that covers its new length
-    for perm, lens in [([2, 0, 1], [61, 250, 7]), ([1, 2, 0], [1, 33, 17]), ([0, 1, 2], [300, 7, 64])]:
+    for perm, lens in [([2, 0, 1], [610, 2500, 7]), ([1, 2, 0], [1, 330, 17]), ([0, 1, 2], [3000, 7, 640])]:
         p.block_tables.copy_(tables0[perm])
         p.seq_lens.copy_(torch.tensor(lens, dtype=torch.int32))
         assert (p.seq_lens <= lens0[perm]).all()
@@ -157,11 +190,13 @@ def test_cuda_graph_replay_follows_new_lengths_and_tables(backend):
         graph.replay()
         expected = kvkernels.paged_decode_attention(*p.args(), backend=backend)
         torch.testing.assert_close(out, expected, rtol=0, atol=0)
+        check_counters_left_zero(counters)
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy sees the intended 0 / 0
+@pytest.mark.parametrize("fold", [False, True], ids=["merge-launch", "merge-folded"])
 @pytest.mark.parametrize("num_splits", [1, 3])
-def test_triton_out_of_range_lengths_stay_in_bounds(num_splits):
+def test_triton_out_of_range_lengths_stay_in_bounds(num_splits, fold):
     """Unvalidated lengths: past the table -> clamped to its capacity; 0 or negative -> NaN, never a read."""
     p = make_problem([20, 9, 9], num_heads=2, num_kv_heads=2, head_dim=32, block_size=8, extra_table_cols=0,
                      device=DEVICE)
@@ -171,9 +206,11 @@ def test_triton_out_of_range_lengths_stay_in_bounds(num_splits):
     p.v_cache[last_block, 4:] = torch.randn(4, 2, 32, dtype=p.v_cache.dtype, device=DEVICE)
     p.seq_lens = torch.tensor([1000, 0, -4], dtype=torch.int32, device=DEVICE)
     out = nan_output(p.q)
+    counters = zero_counters(p) if fold else None
     triton_decode.paged_decode_attention(*p.args(), check_decode_inputs(*p.args()), 32 ** -0.5, out,
-                                         num_splits=num_splits, min_split_tokens=16)
+                                         num_splits=num_splits, min_split_tokens=16, split_counters=counters)
     assert out[1:].isnan().all(), "an empty sequence must give NaN, not a plausible answer"
+    check_counters_left_zero(counters)
     p.seq_lens = torch.tensor([capacity, 1, 1], dtype=torch.int32, device=DEVICE)
     expected = reference.paged_decode_attention(*p.args())
     assert expected[0].isfinite().all()
@@ -205,3 +242,42 @@ def test_ctas_per_sm_from_registers_shared_memory_and_warps():
     assert ctas(72, 544, 4) == 7     # csrc's one-head kernel
     assert ctas(32, 100 * 1024, 4) == 2  # shared memory binds
     assert ctas(16, 0, 1) == 32      # the CTA limit binds
+
+
+SANITIZED_TRITON_RUN = textwrap.dedent("""
+    import torch, kvkernels
+    from kvkernels import triton_decode
+    from kvkernels._validate import check_decode_inputs
+    torch.manual_seed(0)
+    k_cache = torch.randn(12, 16, 2, 64, device="cuda", dtype=torch.float16)
+    v_cache = torch.randn_like(k_cache)
+    tables = torch.tensor([[3, 1, 7, 0, 6, 10], [11, 2, 5, 4, 9, 8]], device="cuda", dtype=torch.int32)
+    lens = torch.tensor([50, 96], device="cuda", dtype=torch.int32)
+    for heads in (2, 8):  # one head and grouped heads per KV head
+        q = torch.randn(2, heads, 64, device="cuda", dtype=torch.float16)
+        shape = check_decode_inputs(q, k_cache, v_cache, tables, lens)
+        for splits, counters in ((1, None), (4, None), (4, torch.zeros(2, 2, dtype=torch.int32, device="cuda"))):
+            out = torch.empty_like(q)
+            triton_decode.paged_decode_attention(q, k_cache, v_cache, tables, lens, shape, 0.125, out,
+                                                 num_splits=splits, min_split_tokens=16, split_counters=counters)
+    k_new = torch.randn(2, 2, 64, device="cuda", dtype=torch.float16)
+    kvkernels.write_kv_cache(k_new, k_new + 1, k_cache, v_cache, torch.tensor([191, -1], device="cuda"),
+                             backend="triton")
+    torch.cuda.synchronize()
+    print("sanitized run done")
+""")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(shutil.which("compute-sanitizer") is None, reason="compute-sanitizer is not on PATH")
+def test_triton_kernels_pass_compute_sanitizer_memcheck(tmp_path):
+    """Decode (unsplit, split with a merge launch, split with the merge folded in, one head and grouped) and
+    write, under memcheck; torch's caching allocator off so an overrun is not hidden inside a cached block."""
+    script = tmp_path / "triton_run.py"
+    script.write_text(SANITIZED_TRITON_RUN)
+    env = dict(os.environ, PYTORCH_NO_CUDA_MEMORY_CACHING="1")
+    result = subprocess.run(["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "1",
+                             sys.executable, str(script)], capture_output=True, text=True, timeout=600, env=env)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0 and "sanitized run done" in output, output[-6000:]
+    assert "ERROR SUMMARY: 0 errors" in output, output[-6000:]

@@ -45,6 +45,27 @@ def test_greedy_matches_hf_generate(backend, case):
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
+@pytest.mark.skipif("triton" not in BACKENDS, reason="Triton is not available here")
+def test_greedy_with_split_attention_matches_hf(monkeypatch):
+    """Attention forced to split (16-token tiles, up to 3 partitions of >= 16 tokens): generate's step merges
+    them inside the decode kernel through its split counters, step after step on the same counters."""
+    from kvkernels import generation, triton_decode
+
+    monkeypatch.setattr(triton_decode, "decode_config", lambda shape, dtype: triton_decode.DecodeConfig(16, 4, 2))
+    monkeypatch.setattr(triton_decode, "paged_decode_attention",
+                        functools.partial(triton_decode.paged_decode_attention, num_splits=3, min_split_tokens=16))
+    runners = []
+    real_step = generation._Runner.decode_step
+    monkeypatch.setattr(generation._Runner, "decode_step",
+                        lambda runner, state: (runners.append(runner), real_step(runner, state))[1])
+    model = make_model()
+    ids, mask = padded_batch()                                   # contexts grow from 5-9 to 28-32 tokens
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False)
+    got = kvkernels.generate(model, ids, mask, max_new_tokens=24, backend="triton", block_size=8)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert not runners[-1].split_counters.any(), "the counters are left at zero for the next step"
+
+
 @pytest.mark.parametrize("overrides", [dict(scale_attn_by_inverse_layer_idx=True, reorder_and_upcast_attn=True),
                                        dict(scale_attn_weights=False, initializer_range=0.05)])
 def test_greedy_matches_hf_with_attention_scaling_configs(overrides):

@@ -72,14 +72,19 @@ def test_triton_decode_head_dims(cache_dtype, head_dim):
 @pytest.mark.parametrize("cache_dtype", CACHE_DTYPES, ids=IDS)
 @pytest.mark.parametrize("num_splits", [2, 5])
 @pytest.mark.parametrize("heads", [(2, 2), (8, 2)], ids=["mha", "gqa4"])
-def test_triton_decode_split_k(cache_dtype, num_splits, heads):
-    """Forced splits at lengths around partition edges (the fp8 / int8 tile is twice fp16's)."""
+@pytest.mark.parametrize("fold", [False, True], ids=["merge-launch", "merge-folded"])
+def test_triton_decode_split_k(cache_dtype, num_splits, heads, fold):
+    """Forced splits at lengths around partition edges (one head's fp8 / int8 tile is twice fp16's), merged by
+    the merge kernel or by the decode kernel's last program (split counters)."""
     shape = types.SimpleNamespace(head_dim=64, num_heads=heads[0], num_kv_heads=heads[1])
     tile = triton_decode.decode_config(shape, torch.float16, cache_dtype).tile
     lens = [1, tile - 1, tile + 1, 3 * tile + 1]
     p, *pool = quantized_problem(lens, cache_dtype, num_heads=heads[0], num_kv_heads=heads[1], head_dim=64,
                                  device=DEVICE)
-    check_decode(p, *pool, num_splits=num_splits, min_split_tokens=tile)
+    counters = torch.zeros(len(lens), heads[1], dtype=torch.int32, device=DEVICE) if fold else None
+    check_decode(p, *pool, num_splits=num_splits, min_split_tokens=tile, split_counters=counters)
+    if fold:
+        assert (counters == 0).all(), "the folded merge leaves its counters at zero"
 
 
 @pytest.mark.parametrize("cache_dtype", CACHE_DTYPES, ids=IDS)

@@ -43,6 +43,14 @@ def decode(p, backend="torch", **overrides):
     (lambda p: dict(k_cache=p.k_cache.transpose(2, 3).contiguous().transpose(2, 3)), ValueError,
      "k_cache must be contiguous in its last"),
     (lambda p: dict(q=p.q.to("meta")), ValueError, "all tensors must share a device"),
+    (lambda p: dict(split_counters=torch.zeros(2, 2)), ValueError, "split_counters must be a contiguous int32"),
+    (lambda p: dict(split_counters=torch.zeros(2, 4, dtype=torch.int32, device=p.q.device)), ValueError,
+     r"split_counters must be .* shape \(2, 2\)"),
+    (lambda p: dict(split_counters=torch.zeros(2, 2, dtype=torch.int32, device=p.q.device).t()), ValueError,
+     "split_counters must be a contiguous"),
+    (lambda p: dict(split_counters=torch.ones(2, 2, dtype=torch.int32, device=p.q.device)), ValueError,
+     "split_counters must be all zero"),
+    (lambda p: dict(split_counters=[[0, 0], [0, 0]]), TypeError, "split_counters must be a torch.Tensor"),
 ])
 def test_bad_decode_inputs(problem, backend, override, error, match):
     with pytest.raises(error, match=match):
