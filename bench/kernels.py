@@ -2,6 +2,9 @@
 
 Columns, all timed on the same device, in the same run, on the same random inputs:
     triton  kvkernels.paged_decode_attention(backend="triton")
+    triton fp8 / triton int8   the same kernel over the same K / V quantized to float8_e4m3fn / int8 pages with
+            per-token scales (checked against the reference over the same quantized pages; GB/s counts the
+            1-byte pages and the 4-byte scales read)
     cuda    kvkernels.paged_decode_attention(backend="cuda")   ("unavailable: <why>" when it cannot load)
     torch   kvkernels.reference.paged_decode_attention         (plain PyTorch over the pages)
     sdpa    torch SDPA over a contiguous [B, H_kv, L, D] copy  (the no-paging baseline)
@@ -36,9 +39,11 @@ from .common import (DTYPES, Stopwatch, add_run_args, bench_us, default_device, 
                      error_string, fmt, free_device_memory, markdown_table, output_dir, smoke_run_notice,
                      write_json)
 
-COLUMNS = ("triton", "cuda", "torch", "sdpa")
-COLUMN_TITLES = {"triton": "kvkernels triton", "cuda": "kvkernels cuda", "torch": "torch reference",
+COLUMNS = ("triton", "triton_fp8", "triton_int8", "cuda", "torch", "sdpa")
+COLUMN_TITLES = {"triton": "kvkernels triton", "triton_fp8": "kvkernels triton fp8 pages",
+                 "triton_int8": "kvkernels triton int8 pages", "cuda": "kvkernels cuda", "torch": "torch reference",
                  "sdpa": "torch SDPA (contiguous)"}
+QUANT_COLUMNS = {"triton_fp8": torch.float8_e4m3fn, "triton_int8": torch.int8}
 # Agreement with the reference, which accumulates in fp32 and rounds once to the output dtype.
 TOLERANCES = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 1e-4}
 
@@ -77,6 +82,12 @@ TARGETS = (
      lambda cell, sdpa: sdpa.get("us") is not None and cell["us"] <= 1.05 * sdpa["us"]),
     ("B=1 x L=16k: >= 2.0 TB/s", 1, 16384, lambda cell, sdpa: cell["gbps"] >= 2000),
     ("B=1 x L=1k: < 8 us", 1, 1024, lambda cell, sdpa: cell["us"] < 8),
+)
+# Issue-14 targets, both head shapes: (label, batch, context, least speed-up over the fp16-page triton cell).
+QUANT_TARGETS = (
+    ("B=1 x L=16k: >= 1.8x the fp16 pages", 1, 16384, 1.8),
+    ("B=64 x L=16k: >= 1.8x the fp16 pages", 64, 16384, 1.8),
+    ("B=1 x L=1k: no slower than fp16 pages", 1, 1024, 1.0),
 )
 
 
@@ -127,13 +138,22 @@ def reference_bytes(shape: HeadShape, batch: int, context: int, element_size: in
     return batch * context * per_token
 
 
-def reference_output(q, k_pool, v_pool, block_tables, seq_lens, shape, budget: int):
+def reference_output(q, k_pool, v_pool, block_tables, seq_lens, shape, budget: int, k_scale=None, v_scale=None):
     """The oracle, a few sequences at a time so the largest points fit in memory."""
-    per_seq = reference_bytes(shape, 1, int(k_pool.shape[1] * block_tables.shape[1]), k_pool.element_size())
+    per_seq = reference_bytes(shape, 1, int(k_pool.shape[1] * block_tables.shape[1]), 4)
     chunk = max(1, budget // per_seq)
     return torch.cat([reference.paged_decode_attention(q[i:i + chunk], k_pool, v_pool, block_tables[i:i + chunk],
-                                                       seq_lens[i:i + chunk], validate=False)
+                                                       seq_lens[i:i + chunk], k_scale=k_scale, v_scale=v_scale,
+                                                       validate=False)
                       for i in range(0, q.shape[0], chunk)])
+
+
+def quantize_pool(pool, cache_dtype):
+    """[num_blocks, block_size, H_kv, D] pool -> (pages, fp32 per-token scales [num_blocks, block_size, H_kv]);
+    the scales of NaN (free) slots are NaN, so a kernel that reads one still shows it."""
+    pages, scales = reference.quantize(pool.flatten(0, 1), cache_dtype)
+    scales = torch.where(pool.flatten(0, 1).isnan().any(-1), float("nan"), scales)
+    return pages.view(pool.shape), scales.view(pool.shape[:3])
 
 
 def memory_budget(device) -> int:
@@ -159,6 +179,13 @@ def run_point(shape, batch, context, dtype_name, block_size, grid, device, copy_
     q4 = q.unsqueeze(2)                                                        # [B, H, 1, D]
     sdpa_kwargs = {"enable_gqa": True} if gqa else {}
     out = torch.empty_like(q)  # preallocated: the timed call only launches kernels
+    quant = {name: (*quantize_pool(k_pool, cache_dtype), *quantize_pool(v_pool, cache_dtype))
+             for name, cache_dtype in QUANT_COLUMNS.items()}                   # (k pages, k scales, v pages, v scales)
+
+    def quantized_call(name):
+        k_pages, k_scale, v_pages, v_scale = quant[name]
+        return lambda: kvkernels.paged_decode_attention(q, k_pages, v_pages, tables, lens, k_scale=k_scale,
+                                                        v_scale=v_scale, backend="triton", validate=False, out=out)
     calls = {
         "triton": lambda: kvkernels.paged_decode_attention(q, k_pool, v_pool, tables, lens, backend="triton",
                                                            validate=False, out=out),
@@ -166,9 +193,13 @@ def run_point(shape, batch, context, dtype_name, block_size, grid, device, copy_
                                                          validate=False, out=out),
         "torch": lambda: reference.paged_decode_attention(q, k_pool, v_pool, tables, lens, validate=False),
         "sdpa": lambda: F.scaled_dot_product_attention(q4, k_dense, v_dense, **sdpa_kwargs).squeeze(2),
+        **{name: quantized_call(name) for name in QUANT_COLUMNS},
     }
     budget = memory_budget(device)
-    expected = reference_output(q, k_pool, v_pool, tables, lens, shape, budget)
+    expected = {name: reference_output(q, k_pages, v_pages, tables, lens, shape, budget, k_scale, v_scale)
+                for name, (k_pages, k_scale, v_pages, v_scale) in quant.items()}
+    expected["fp16"] = reference_output(q, k_pool, v_pool, tables, lens, shape, budget)
+    quant_bytes = int(lens.sum()) * shape.num_kv_heads * (shape.head_dim + 4) * 2   # 1-byte pages + fp32 scales
     tol = TOLERANCES[dtype]
     cells = {}
     for name in COLUMNS:
@@ -185,22 +216,23 @@ def run_point(shape, batch, context, dtype_name, block_size, grid, device, copy_
             with Stopwatch(device) as first_call:  # includes any Triton JIT compile for a new specialisation
                 result = calls[name]()
             written = bool(torch.isfinite(result).all())
-            err = (result.float() - expected.float()).abs().max().item() if written else float("nan")
+            want = expected.get(name, expected["fp16"])
+            err = (result.float() - want.float()).abs().max().item() if written else float("nan")
             us = bench_us(calls[name], device, cpu_reps=grid.cpu_reps)
         except Exception as exc:  # a failing implementation is a result, shown with its error
             cells[name] = {"status": "failed", "error": error_string(exc)}
             free_device_memory(device)
             continue
-        gbps = kv_bytes / us / 1e3
+        gbps = (quant_bytes if name in QUANT_COLUMNS else kv_bytes) / us / 1e3
         cells[name] = {"status": "ok", "us": us, "first_call_ms": first_call.seconds * 1e3, "gbps": gbps,
                        "pct_copy": 100 * gbps / copy_gbps,
                        "max_abs_err": err, "check": bool(written and err <= tol), "tolerance": tol}
     num_splits = triton_decode.default_num_splits(check_decode_inputs(q, k_pool, v_pool, tables, lens), dtype, device)
-    del q, k_pool, v_pool, k_dense, v_dense, expected, out
+    del q, k_pool, v_pool, k_dense, v_dense, expected, out, quant
     free_device_memory(device)
     return {"shape": shape.name, "num_heads": shape.num_heads, "num_kv_heads": shape.num_kv_heads,
             "head_dim": shape.head_dim, "batch": batch, "context": context, "dtype": dtype_name,
-            "block_size": block_size, "kv_bytes": kv_bytes,
+            "block_size": block_size, "kv_bytes": kv_bytes, "quantized_kv_bytes": quant_bytes,
             "num_splits": num_splits,
             "columns": cells}
 
@@ -223,6 +255,29 @@ def evaluate_targets(points) -> list:
                     verdict = "met" if test(cell, match[0]["columns"]["sdpa"]) else "missed"
                 rows.append({"target": label, "dtype": dtype, "block_size": block_size, "backend": backend,
                              "verdict": verdict})
+    return rows
+
+
+def evaluate_quant_targets(points) -> list:
+    """Each issue-14 target: the fp8 / int8 page cells' speed-up over the fp16-page triton cell of the same point."""
+    rows = []
+    combos = sorted({(p["shape"], p["dtype"], p["block_size"]) for p in points})
+    for label, batch, context, least in QUANT_TARGETS:
+        for shape, dtype, block_size in combos:
+            match = [p for p in points if (p["shape"], p["dtype"], p["block_size"], p["batch"], p["context"])
+                     == (shape, dtype, block_size, batch, context)]
+            for name in QUANT_COLUMNS:
+                if not match:
+                    verdict, speedup = "not in this run", None
+                else:
+                    base, cell = match[0]["columns"]["triton"], match[0]["columns"][name]
+                    if base["status"] != "ok" or cell["status"] != "ok":
+                        verdict, speedup = f"{cell['status']} / fp16 {base['status']}", None
+                    else:
+                        speedup = base["us"] / cell["us"]
+                        verdict = "met" if speedup >= least and cell["check"] else "missed"
+                rows.append({"target": label, "shape": shape, "dtype": dtype, "block_size": block_size,
+                             "column": name, "speedup": speedup, "verdict": verdict})
     return rows
 
 
@@ -258,7 +313,12 @@ def markdown(result) -> str:
     lines += ["", "## Issue-2 targets (GPT-2 heads 12 x 64)", "",
               markdown_table(["target", "dtype", "block", "backend", "verdict"],
                              [[t["target"], t["dtype"], t["block_size"], t["backend"], t["verdict"]]
-                              for t in result["targets"]]), ""]
+                              for t in result["targets"]]), "",
+              "## Issue-14 targets (fp8 / int8 pages against fp16 pages, the triton kernel)", "",
+              markdown_table(["target", "shape", "dtype", "block", "pages", "speed-up", "verdict"],
+                             [[t["target"], t["shape"], t["dtype"], t["block_size"], COLUMN_TITLES[t["column"]],
+                               "" if t["speedup"] is None else f"{t['speedup']:.2f}x", t["verdict"]]
+                              for t in result["quant_targets"]]), ""]
     groups = sorted({(p["shape"], p["dtype"], p["block_size"]) for p in points})
     for shape_name, dtype, block_size in groups:
         shape = SHAPES[shape_name]
@@ -289,6 +349,7 @@ def run(grid: KernelGrid, device, out_dir, *, progress=True, quick=False) -> dic
               "cuda_backend": cuda_unavailable or "available", "cuda_backend_load_s": cuda_load.seconds,
               "points": points}
     result["targets"] = evaluate_targets(points)
+    result["quant_targets"] = evaluate_quant_targets(points)
     write_json(out_dir / "kernels.json", result)
     (out_dir / "kernels.md").write_text(markdown(result) + "\n")
     result["plots"] = [str(p) for p in plots.kernel_bandwidth(result, out_dir)]

@@ -8,8 +8,8 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from .common import run_label  # noqa: E402
 from .models import model_title  # noqa: E402
 
-STYLE = {"triton": ("tab:blue", "o"), "cuda": ("tab:orange", "s"), "torch": ("tab:gray", "^"),
-         "sdpa": ("tab:green", "D")}
+STYLE = {"triton": ("tab:blue", "o"), "triton_fp8": ("tab:purple", "v"), "triton_int8": ("tab:red", "P"),
+         "cuda": ("tab:orange", "s"), "torch": ("tab:gray", "^"), "sdpa": ("tab:green", "D")}
 
 
 def _save(fig, path):

@@ -6,6 +6,22 @@ import torch
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # The reference also takes float64 so tests can use it against a float64 oracle.
 REFERENCE_DTYPES = KERNEL_DTYPES + (torch.float64,)
+# Quantized page dtypes -> the largest magnitude a page element holds (per (token, KV head) scales map onto it).
+QUANT_MAX = {torch.float8_e4m3fn: 448.0, torch.int8: 127.0}
+CACHE_DTYPE_NAMES = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}
+
+
+def resolve_cache_dtype(cache_dtype):
+    """None, a torch dtype, or "fp8" / "int8" -> None or a torch dtype (unchecked beyond the names)."""
+    if isinstance(cache_dtype, str):
+        if cache_dtype not in CACHE_DTYPE_NAMES:
+            raise ValueError(f"cache_dtype names are {', '.join(map(repr, CACHE_DTYPE_NAMES))}, got {cache_dtype!r}")
+        return CACHE_DTYPE_NAMES[cache_dtype]
+    return cache_dtype
+
+
+def is_quantized(dtype) -> bool:
+    return dtype in QUANT_MAX
 
 
 @dataclass(frozen=True)
@@ -79,7 +95,10 @@ def check_decode_inputs(q, k_cache, v_cache, block_tables, seq_lens, dtypes=KERN
     _require_same_device({"q": q, "k_cache": k_cache, "v_cache": v_cache,
                           "block_tables": block_tables, "seq_lens": seq_lens})
     _require_supported("q", q, dtypes)
-    _require_dtype((("k_cache", k_cache), ("v_cache", v_cache)), q.dtype, "q")
+    if is_quantized(k_cache.dtype):
+        _require_dtype((("v_cache", v_cache),), k_cache.dtype, "k_cache")
+    else:
+        _require_dtype((("k_cache", k_cache), ("v_cache", v_cache)), q.dtype, "q")
     _require_index_dtype("block_tables", block_tables, torch.int32)
     _require_index_dtype("seq_lens", seq_lens, torch.int32)
     if q.dim() != 3:
@@ -149,8 +168,13 @@ def check_write_inputs(k, v, k_cache, v_cache, slot_mapping, dtypes=KERNEL_DTYPE
     for name, x in (("k", k), ("v", v), ("k_cache", k_cache), ("v_cache", v_cache), ("slot_mapping", slot_mapping)):
         _require_tensor(name, x)
     _require_same_device({"k": k, "v": v, "k_cache": k_cache, "v_cache": v_cache, "slot_mapping": slot_mapping})
-    _require_supported("k_cache", k_cache, dtypes)
-    _require_dtype((("k", k), ("v", v), ("v_cache", v_cache)), k_cache.dtype, "k_cache")
+    if is_quantized(k_cache.dtype):  # new rows in any compute dtype, quantized on the way in
+        _require_supported("k", k, dtypes)
+        _require_dtype((("v", v),), k.dtype, "k")
+        _require_dtype((("v_cache", v_cache),), k_cache.dtype, "k_cache")
+    else:
+        _require_supported("k_cache", k_cache, dtypes)
+        _require_dtype((("k", k), ("v", v), ("v_cache", v_cache)), k_cache.dtype, "k_cache")
     _require_index_dtype("slot_mapping", slot_mapping, torch.int64)
     _require_cache_pair(k_cache, v_cache)
     head_shape = tuple(k_cache.shape[2:])
@@ -176,3 +200,29 @@ def check_slot_values(slot_mapping, num_slots: int) -> None:
                          f"got range [{int(ordered[0])}, {int(ordered[-1])}]")
     if flags[1]:
         raise ValueError("slot_mapping writes the same slot more than once")
+
+
+def check_kv_scales(k_cache, v_cache, k_scale, v_scale) -> bool:
+    """Scales go with fp8 / int8 pages and only with them: fp32, [num_blocks, block_size, H_kv] (one per cached
+    token and KV head, written by write_kv_cache) or [H_kv] (static per-head scales). Returns True for
+    per-token scales. No device sync."""
+    if not is_quantized(k_cache.dtype):
+        if k_scale is not None or v_scale is not None:
+            raise ValueError(f"k_scale / v_scale belong to fp8 or int8 pages; these pages are {k_cache.dtype}")
+        return False
+    if k_scale is None or v_scale is None:
+        raise ValueError(f"{k_cache.dtype} pages need k_scale and v_scale: fp32 [num_blocks, block_size, H_kv] "
+                         "(per token, as PagedKVCache keeps them) or [H_kv] (static per-head scales)")
+    for name, x in (("k_scale", k_scale), ("v_scale", v_scale)):
+        _require_tensor(name, x)
+        if x.dtype != torch.float32:
+            raise TypeError(f"{name} must be float32, got {x.dtype}")
+        if x.device != k_cache.device:
+            raise ValueError(f"{name} is on {x.device} but k_cache is on {k_cache.device}")
+    per_token, per_head = tuple(k_cache.shape[:3]), (k_cache.shape[2],)
+    if tuple(k_scale.shape) not in (per_token, per_head):
+        raise ValueError(f"k_scale must be [num_blocks, block_size, H_kv] = {list(per_token)} or [H_kv] = "
+                         f"{list(per_head)}, got {list(k_scale.shape)}")
+    if v_scale.shape != k_scale.shape:
+        raise ValueError(f"v_scale has shape {list(v_scale.shape)} but k_scale has {list(k_scale.shape)}")
+    return tuple(k_scale.shape) == per_token

@@ -2,6 +2,8 @@
 
 Layout per layer (NHD pages, what the kernels read):
     k_pools[layer], v_pools[layer]   [num_blocks, block_size, H_kv, D]
+    k_scales[layer], v_scales[layer] fp8 / int8 pages only: fp32 [num_blocks, block_size, H_kv] (one scale per
+                                     cached token and KV head, addressed by the same slots) or [H_kv] (static)
     block_tables                     int32 [max_batch_size, max_blocks_per_seq]  (device)
     seq_lens                         int32 [max_batch_size]                      (device)
 The allocator and a host mirror of tables and lengths live on the host, so appending tokens never
@@ -12,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ._validate import is_quantized, resolve_cache_dtype
 from .ops import paged_decode_attention, write_kv_cache
 
 
@@ -85,14 +88,22 @@ class PagedKVCache:
     """Per-layer paged K/V pools shared by up to `max_batch_size` sequences (slots 0..max_batch_size-1).
 
     Size the pool with exactly one of `num_blocks`, `max_tokens` (rounded up to whole blocks) or
-    `memory_bytes` (K + V over all layers). `max_blocks_per_seq` fixes the block-table width, so
-    shapes stay static for CUDA graphs; by default it covers the whole pool.
+    `memory_bytes` (K + V over all layers, scales included). `max_blocks_per_seq` fixes the block-table
+    width, so shapes stay static for CUDA graphs; by default it covers the whole pool.
+
+    `dtype` is what k, v and q come in as. `cache_dtype` "fp8" / torch.float8_e4m3fn or "int8" / torch.int8
+    stores the pages quantized (1 byte per element): each written row of each KV head gets an fp32 scale
+    (absmax / 448 for fp8, / 127 for int8) in k_scales / v_scales, so the same memory holds ~2x the tokens
+    of fp16 at a small accuracy cost (BENCHMARKS.md, "Quantized KV"). `k_scale`, `v_scale` (floats, or fp32
+    tensors broadcastable to [num_layers, H_kv]) make the scales static per layer and head instead (vLLM's
+    k_scale / v_scale: values past 448 x scale or 127 x scale saturate).
     """
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, *, max_batch_size: int,
                  num_blocks: int = None, max_tokens: int = None, memory_bytes: int = None,
                  block_size: int = 16, max_blocks_per_seq: int = None,
-                 dtype=torch.float16, device="cpu", backend: str = "auto"):
+                 dtype=torch.float16, device="cpu", backend: str = "auto", cache_dtype=None, k_scale=None,
+                 v_scale=None):
         if sum(x is not None for x in (num_blocks, max_tokens, memory_bytes)) != 1:
             raise ValueError("give exactly one of num_blocks, max_tokens, memory_bytes")
         for name, value in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
@@ -105,8 +116,15 @@ class PagedKVCache:
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.block_size, self.max_batch_size = block_size, max_batch_size
         self.dtype, self.device, self.backend = dtype, torch.device(device), backend
-        element = torch.empty((), dtype=dtype).element_size()
-        self.bytes_per_token = 2 * num_layers * num_kv_heads * head_dim * element
+        self.cache_dtype = _page_dtype(cache_dtype, dtype)
+        self.quantized = is_quantized(self.cache_dtype)
+        if self.quantized and backend == "cuda":
+            raise NotImplementedError("backend='cuda' has no fp8 / int8 page kernels yet: use backend='triton' or "
+                                      "'auto'")
+        static = _static_scales(k_scale, v_scale, self.quantized, num_layers, num_kv_heads, self.device)
+        scale_bytes = 0 if static or not self.quantized else 4                   # fp32 per token and KV head
+        element = self.cache_dtype.itemsize
+        self.bytes_per_token = 2 * num_layers * num_kv_heads * (head_dim * element + scale_bytes)
         if max_tokens is not None:
             num_blocks = -(-max_tokens // block_size)
         elif memory_bytes is not None:
@@ -117,8 +135,17 @@ class PagedKVCache:
         self.num_blocks = num_blocks
         self.max_blocks_per_seq = max_blocks_per_seq or num_blocks
         pool_shape = (num_blocks, block_size, num_kv_heads, head_dim)
-        self.k_pools = [torch.empty(pool_shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
-        self.v_pools = [torch.empty(pool_shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
+        self.k_pools = [torch.empty(pool_shape, dtype=self.cache_dtype, device=self.device)
+                        for _ in range(num_layers)]
+        self.v_pools = [torch.empty(pool_shape, dtype=self.cache_dtype, device=self.device)
+                        for _ in range(num_layers)]
+        if static:
+            self.k_scales, self.v_scales = static
+        elif self.quantized:
+            self.k_scales, self.v_scales = ([torch.empty(pool_shape[:3], device=self.device) for _ in range(num_layers)]
+                                            for _ in range(2))
+        else:
+            self.k_scales = self.v_scales = [None] * num_layers
         self.block_tables = torch.zeros(max_batch_size, self.max_blocks_per_seq, dtype=torch.int32, device=self.device)
         self.seq_lens = torch.zeros(max_batch_size, dtype=torch.int32, device=self.device)
         self._tables = [[] for _ in range(max_batch_size)]   # host mirror of block_tables rows
@@ -222,11 +249,32 @@ class PagedKVCache:
 
     # -- kernels -------------------------------------------------------------------------------
 
-    def append(self, layer: int, k, v, slot_mapping) -> None:
-        """Writes k, v [N, H_kv, D] of `layer` into the slots that `reserve` returned."""
+    def slot_tensors(self, layer: int) -> list:
+        """The tensors of `layer` indexed by slot, each viewed as [num_slots, ...]: pages, and per-token scales.
+        fp8 pages come as their bytes (uint8): torch's CPU index_copy_ has no float8 kernel."""
+        pages = [self.k_pools[layer], self.v_pools[layer]]
+        tensors = [p.view(torch.uint8) for p in pages] if self.cache_dtype == torch.float8_e4m3fn else pages
+        if self.quantized and self.k_scales[layer].dim() == 3:
+            tensors += [self.k_scales[layer], self.v_scales[layer]]
+        return [t.view(self.num_blocks * self.block_size, *t.shape[2:]) for t in tensors]
+
+    def read(self, layer: int, slot_mapping):
+        """k, v [N, H_kv, D] in `dtype` as the kernels see them (dequantized) at int64 slots [N] (no -1)."""
         self._check_layer(layer)
-        write_kv_cache(k, v, self.k_pools[layer], self.v_pools[layer], slot_mapping, backend=self.backend,
-                       validate=False)
+        rows = []
+        for pages, scales in ((self.k_pools[layer], self.k_scales[layer]), (self.v_pools[layer], self.v_scales[layer])):
+            x = pages.view(-1, self.num_kv_heads, self.head_dim)[slot_mapping]
+            if scales is not None:
+                scale = scales.view(-1, self.num_kv_heads)[slot_mapping] if scales.dim() == 3 else scales[None]
+                x = x.float() * scale[..., None]
+            rows.append(x.to(self.dtype))
+        return rows
+
+    def append(self, layer: int, k, v, slot_mapping) -> None:
+        """Writes k, v [N, H_kv, D] (`dtype`) of `layer` into the slots that `reserve` returned."""
+        self._check_layer(layer)
+        write_kv_cache(k, v, self.k_pools[layer], self.v_pools[layer], slot_mapping, k_scale=self.k_scales[layer],
+                       v_scale=self.v_scales[layer], backend=self.backend, validate=False)
 
     def decode(self, layer: int, q, seqs=None, *, scale=None):
         """Decode attention of q [B, H, D] over sequence slots `seqs` (default: slots 0..B-1)."""
@@ -244,4 +292,36 @@ class PagedKVCache:
             index = torch.tensor(seqs, dtype=torch.long, device=self.device)
             tables, lens = self.block_tables[index], self.seq_lens[index]
         return paged_decode_attention(q, self.k_pools[layer], self.v_pools[layer], tables, lens, scale=scale,
+                                      k_scale=self.k_scales[layer], v_scale=self.v_scales[layer],
                                       backend=self.backend, validate=False)
+
+
+def _page_dtype(cache_dtype, dtype):
+    """cache_dtype (None, a name or a torch dtype) -> the pages' torch dtype; TypeError for anything else."""
+    page_dtype = resolve_cache_dtype(cache_dtype) if cache_dtype is not None else dtype
+    if page_dtype != dtype and not is_quantized(page_dtype):
+        raise TypeError(f"cache_dtype must be None (pages in dtype={dtype}), 'fp8' / torch.float8_e4m3fn or "
+                        f"'int8' / torch.int8, got {cache_dtype!r}")
+    return page_dtype
+
+
+def _static_scales(k_scale, v_scale, quantized, num_layers, num_kv_heads, device):
+    """User-given static scales -> ([fp32 [H_kv]] * num_layers for K, same for V), or None when not given."""
+    if k_scale is None and v_scale is None:
+        return None
+    if not quantized:
+        raise ValueError("k_scale / v_scale go with cache_dtype='fp8' or 'int8'")
+    if k_scale is None or v_scale is None:
+        raise ValueError("give both k_scale and v_scale (static scales), or neither (per-token scales)")
+    out = []
+    for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
+        scale = torch.as_tensor(scale, dtype=torch.float32)
+        try:
+            scale = scale.expand(num_layers, num_kv_heads)
+        except RuntimeError:
+            raise ValueError(f"{name} must broadcast to [num_layers, H_kv] = [{num_layers}, {num_kv_heads}], got "
+                             f"shape {list(scale.shape)}") from None
+        if not (scale.isfinite() & (scale > 0)).all():
+            raise ValueError(f"{name} must be finite and > 0")
+        out.append([s.contiguous().to(device) for s in scale])
+    return out

@@ -28,10 +28,11 @@ import torch
 import torch.nn.functional as F
 from transformers.activations import NewGELUActivation
 
+from ._validate import is_quantized, resolve_cache_dtype
 from .cache import PagedKVCache
 from .hf.cache import attention_shape
 from .gpt2_common import attention_scale, blocks_for, check_positive_int, gpt2_parts
-from .ops import BACKENDS, paged_decode_attention, resolve_backend, triton_available, write_kv_cache
+from .ops import BACKENDS, paged_decode_attention, resolve_backend, triton_available
 from .sampling import SamplingParams, generation_settings, hf_penalises_left_padding, process_logits, select_tokens
 
 # activation_function values that are the tanh GELU the fused c_fc kernel applies
@@ -99,6 +100,15 @@ class _Runner:
         self.split_counters = torch.zeros(batch, self.num_heads, dtype=torch.int32, device=weight.device)
         self.hidden = weight.new_empty(batch, inner_dim)                            # MLP activations [B, 4E]
         self.logits = torch.empty(batch, lm_head.out_features, dtype=torch.float32, device=weight.device)
+        if pool.quantized:
+            # fp8 / int8 pages: the fused QKV kernel writes this step's K and V into a one-slot-per-row staging
+            # pool (block b = row b, position 0), then write_kv_cache quantizes them into their slots (the
+            # scales need a whole row of a head, which no QKV program owns): one more launch per layer.
+            self.k_new = weight.new_empty(batch, 1, self.num_heads, self.head_dim)   # [B, 1, H, D]
+            self.v_new = torch.empty_like(self.k_new)
+            self.stage_table = torch.arange(batch, dtype=torch.int32, device=weight.device)[:, None]  # [B, 1]
+            self.stage_position = torch.zeros(batch, dtype=torch.int32, device=weight.device)
+            self.slots = torch.empty(batch, dtype=torch.long, device=weight.device)  # this step's slots [B]
 
     @staticmethod
     def _attention_inputs(block, x):
@@ -130,8 +140,12 @@ class _Runner:
         shape = (batch, prompt_len, heads, dim)
         for layer, block in enumerate(self.base.h):
             query, key, value = self._attention_inputs(block, x)
-            write_kv_cache(key.reshape(-1, heads, dim).to(pool.dtype), value.reshape(-1, heads, dim).to(pool.dtype),
-                           pool.k_pools[layer], pool.v_pools[layer], slots, backend=pool.backend, validate=False)
+            key, value = key.reshape(-1, heads, dim).to(pool.dtype), value.reshape(-1, heads, dim).to(pool.dtype)
+            pool.append(layer, key, value, slots)
+            if pool.quantized:  # attend over what the pages hold, as decode will (padding keeps its own rows)
+                stored = pool.read(layer, slots.clamp(min=0))
+                key, value = (torch.where(real.reshape(-1, 1, 1), page, fresh)
+                              for page, fresh in zip(stored, (key, value)))
             compute = torch.float32 if block.attn.reorder_and_upcast_attn else x.dtype
             q, k, v = (t.view(shape).transpose(1, 2).to(compute) for t in (query, key, value))
             attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scales[layer])  # [B, H, P, D]
@@ -146,12 +160,22 @@ class _Runner:
         """One token per sequence: embed state.tokens, append their K/V, attend over the pages, select."""
         base, pool, ops, x = self.base, self.pool, self.ops, self.x
         ops.embed(state.tokens, state.lengths, base.wte.weight, base.wpe.weight, x, self.seq_lens)
+        if pool.quantized:
+            positions = state.lengths.long()
+            self.slots.copy_(self.tables.gather(1, (positions // pool.block_size)[:, None]).squeeze(1).long()
+                             * pool.block_size + positions % pool.block_size)
         for layer, block in enumerate(base.h):
             attn, mlp = block.attn, block.mlp
-            ops.qkv_write(x, _norm(block.ln_1), attn.c_attn.weight, attn.c_attn.bias, self.q, pool.k_pools[layer],
-                          pool.v_pools[layer], self.tables, state.lengths)
+            if pool.quantized:
+                ops.qkv_write(x, _norm(block.ln_1), attn.c_attn.weight, attn.c_attn.bias, self.q, self.k_new,
+                              self.v_new, self.stage_table, self.stage_position)
+                pool.append(layer, self.k_new.view(self.q.shape), self.v_new.view(self.q.shape), self.slots)
+            else:
+                ops.qkv_write(x, _norm(block.ln_1), attn.c_attn.weight, attn.c_attn.bias, self.q,
+                              pool.k_pools[layer], pool.v_pools[layer], self.tables, state.lengths)
             paged_decode_attention(self.q, pool.k_pools[layer], pool.v_pools[layer], self.tables, self.seq_lens,
-                                   scale=self.scales[layer], backend=pool.backend, validate=False, out=self.attn,
+                                   scale=self.scales[layer], k_scale=pool.k_scales[layer],
+                                   v_scale=pool.v_scales[layer], backend=pool.backend, validate=False, out=self.attn,
                                    split_counters=self.split_counters)
             ops.linear(self.attn.view(x.shape), attn.c_proj.weight, attn.c_proj.bias, x, residual=True)
             ops.linear(x, mlp.c_fc.weight, mlp.c_fc.bias, self.hidden, layer_norm=_norm(block.ln_2),
@@ -282,12 +306,13 @@ def _check_inputs(model, input_ids, attention_mask, max_new_tokens):
     return base, lm_head, input_ids, real, lengths
 
 
-def _session(model, base, lm_head, params, lengths, max_new_tokens, eos, pad, backend, block_size) -> _Session:
+def _session(model, base, lm_head, params, lengths, max_new_tokens, eos, pad, backend, block_size,
+             cache_dtype) -> _Session:
     """The model's kept session if this call fits it, else a new one (replacing the old, freed first)."""
     batch, device, dtype = len(lengths), lm_head.weight.device, lm_head.weight.dtype
     blocks_per_seq = blocks_for(max(lengths) + max_new_tokens, block_size)
     key = (batch, blocks_per_seq, block_size, max_new_tokens, params, tuple(eos), pad, backend, device, dtype,
-           tuple(p.data_ptr() for p in model.parameters()))
+           cache_dtype, tuple(p.data_ptr() for p in model.parameters()))
     session = model.__dict__.get(_SESSION)
     if session is not None and session.key == key:
         return session
@@ -295,7 +320,7 @@ def _session(model, base, lm_head, params, lengths, max_new_tokens, eos, pad, ba
     shape = attention_shape(base.config)
     pool = PagedKVCache(shape.num_layers, shape.num_kv_heads, shape.head_dim, max_batch_size=batch,
                         num_blocks=batch * blocks_per_seq, block_size=block_size, max_blocks_per_seq=blocks_per_seq,
-                        dtype=dtype, device=device, backend=backend)
+                        dtype=dtype, device=device, backend=backend, cache_dtype=cache_dtype)
     state = _DecodeState(
         tokens=torch.zeros(batch, dtype=torch.long, device=device),
         lengths=torch.zeros(batch, dtype=torch.int32, device=device),
@@ -335,7 +360,7 @@ def _reset_state(state: _DecodeState, input_ids, real, lengths):
 @torch.no_grad()
 def generate(model, input_ids, attention_mask=None, *, max_new_tokens=None, do_sample=None, temperature=None,
              top_k=None, top_p=None, repetition_penalty=None, eos_token_id=None, pad_token_id=None, cuda_graph=True,
-             streamer=None, backend="auto", block_size=16):
+             streamer=None, backend="auto", block_size=16, cache_dtype=None):
     """Generates up to `max_new_tokens` tokens per prompt with a Hugging Face decoder.
 
     Args:
@@ -358,6 +383,10 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens=None, do_s
         streamer: HF streamer protocol: `put(prompt ids [B, P])` first, then `put(tokens [B])` per step, `end()`.
         backend: kernel backend, "auto" | "triton" | "cuda" | "torch".
         block_size: tokens per page.
+        cache_dtype: None (pages in the model's dtype: tokens as HF's), or "fp8" / torch.float8_e4m3fn or "int8" /
+            torch.int8: quantized pages with per-token scales, ~2x the tokens per byte of fp16 and about half
+            the bytes each decode step reads, at an accuracy cost (BENCHMARKS.md, "Quantized KV"); Triton or
+            the PyTorch reference only.
 
     Returns:
         int64 [B, P + n]: prompts then generated tokens, n <= max_new_tokens (fewer when every sequence
@@ -382,8 +411,9 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens=None, do_s
         pad_token_id = getattr(gen_config, "pad_token_id", None)
     pad_token_id = (eos[0] if eos else 0) if pad_token_id is None else pad_token_id
     device = input_ids.device
+    cache_dtype = resolve_cache_dtype(cache_dtype)
     session = _session(model, base, lm_head, params, lengths, max_new_tokens, eos, pad_token_id,
-                       resolve_backend(backend, device), block_size)
+                       resolve_backend(backend, device, quantized=is_quantized(cache_dtype)), block_size, cache_dtype)
     pool, runner, state = session.pool, session.runner, session.state
     pool.reset()
     pool.reserve(range(len(lengths)), [n + max_new_tokens for n in lengths])   # every block table filled up front

@@ -1,6 +1,8 @@
 """What the HF patch and the fast generate loop share about a Hugging Face GPT-2: its parts and its softmax scale."""
 import torch
 
+from ._validate import is_quantized, resolve_cache_dtype
+
 CACHE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -29,9 +31,14 @@ def attention_scale(attn) -> float:
 
 
 def check_cache_dtype(cache_dtype):
-    if cache_dtype is not None and cache_dtype not in CACHE_DTYPES:
-        raise TypeError(f"cache_dtype must be None (the model's dtype) or one of "
-                        f"{', '.join(str(d) for d in CACHE_DTYPES)}, got {cache_dtype!r}")
+    """None, a page dtype (fp16 / bf16 / fp32: pages of that dtype; torch.float8_e4m3fn / torch.int8 or "fp8" /
+    "int8": quantized pages with per-token scales) -> the torch dtype or None; TypeError / ValueError otherwise."""
+    resolved = resolve_cache_dtype(cache_dtype)
+    if resolved is not None and resolved not in CACHE_DTYPES and not is_quantized(resolved):
+        raise TypeError(f"cache_dtype must be None (the model's dtype), one of "
+                        f"{', '.join(str(d) for d in CACHE_DTYPES)}, 'fp8' / torch.float8_e4m3fn or 'int8' / "
+                        f"torch.int8, got {cache_dtype!r}")
+    return resolved
 
 
 def check_positive_int(name, value, allow_none=False):

@@ -6,8 +6,8 @@ import os
 import torch
 
 from . import reference
-from ._validate import (check_decode_inputs, check_decode_values, check_slot_values, check_split_counters,
-                        check_write_inputs)
+from ._validate import (check_decode_inputs, check_decode_values, check_kv_scales, check_slot_values,
+                        check_split_counters, check_write_inputs, is_quantized)
 
 BACKENDS = ("auto", "triton", "cuda", "torch")
 
@@ -58,12 +58,14 @@ def auto_decode_backend(shape, device: torch.device) -> str:
     return "triton"
 
 
-def resolve_backend(backend: str, device: torch.device, shape=None) -> str:
+def resolve_backend(backend: str, device: torch.device, shape=None, quantized=False) -> str:
     """Maps "auto" to the fastest backend for `device` (and the decode `shape`, when given) and checks that an
-    explicit choice can run there."""
+    explicit choice can run there. fp8 / int8 pages (`quantized`) run on Triton or the reference only."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
+        if quantized:
+            return "triton" if triton_available(device) else "torch"
         if shape is not None:
             return auto_decode_backend(shape, device)
         return "triton" if triton_available(device) else "torch"
@@ -72,6 +74,9 @@ def resolve_backend(backend: str, device: torch.device, shape=None) -> str:
                            "set before triton is imported to run on the CPU")
     if backend == "cuda":
         from . import cuda_ext
+        if quantized:
+            raise NotImplementedError("backend='cuda' has no fp8 / int8 page kernels yet: use backend='triton' (or "
+                                      "'auto', which picks it for quantized pages)")
         if device.type != "cuda":
             raise RuntimeError(f"backend='cuda' needs CUDA tensors, got tensors on {device}")
         if cuda_ext.load() is None:
@@ -79,22 +84,27 @@ def resolve_backend(backend: str, device: torch.device, shape=None) -> str:
     return backend
 
 
-def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, *, scale=None, backend="auto",
-                           validate=True, out=None, seq_starts=None, split_counters=None):
+def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, *, scale=None, k_scale=None, v_scale=None,
+                           backend="auto", validate=True, out=None, seq_starts=None, split_counters=None):
     """Single-query attention for each sequence over its pages of a paged KV cache.
 
     Args:
         q: [B, H, D] fp16 / bf16 / fp32, the one new query per sequence.
-        k_cache: [num_blocks, block_size, H_kv, D], q's dtype (NHD pages). H % H_kv == 0.
+        k_cache: [num_blocks, block_size, H_kv, D], q's dtype (NHD pages), or float8_e4m3fn / int8 pages
+            with scales. H % H_kv == 0.
         v_cache: same shape and dtype as k_cache.
         block_tables: int32 [B, max_blocks_per_seq], physical block ids in logical order; entries past
             a sequence's last block are never read.
         seq_lens: int32 [B], tokens cached for each sequence, 1 <= seq_lens <= max_blocks_per_seq * block_size.
         scale: softmax scale, default D ** -0.5.
+        k_scale, v_scale: fp32, only with fp8 / int8 pages: [num_blocks, block_size, H_kv], one scale per
+            cached token and KV head (as write_kv_cache stores them), or [H_kv] static per-head scales.
+            A page element x stands for x * scale.
         seq_starts: None, or int32 [B], each sequence's first visible token (a sliding window), 0 <= seq_starts <
             seq_lens: the tokens before it are never read. Triton and the reference; the CUDA backend has none.
         backend: "auto" | "triton" | "cuda" | "torch". "auto": on CUDA the faster of Triton and CUDA for this
-            shape (AUTO_TABLE), on the CPU Triton's interpreter when TRITON_INTERPRET=1, else the reference.
+            shape (AUTO_TABLE; Triton for fp8 / int8 pages), on the CPU Triton's interpreter when
+            TRITON_INTERPRET=1, else the reference.
         validate: check seq_lens and the block ids in use (one device sync; skipped while capturing a
             CUDA graph). Callers that own the tables, like PagedKVCache, pass False.
         out: optional [B, H, D] tensor of q's dtype and device to write into (a static buffer for CUDA
@@ -108,11 +118,12 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, *, scale
         out: [B, H, D] in q's dtype.
     """
     shape = check_decode_inputs(q, k_cache, v_cache, block_tables, seq_lens, seq_starts=seq_starts)
+    check_kv_scales(k_cache, v_cache, k_scale, v_scale)
     if seq_starts is not None and backend == "auto":
         backend = "triton" if triton_available(q.device) else "torch"
     if seq_starts is not None and backend == "cuda":
         raise ValueError("the CUDA backend has no seq_starts (sliding window): use backend='triton' or 'torch'")
-    backend = resolve_backend(backend, q.device, shape)
+    backend = resolve_backend(backend, q.device, shape, is_quantized(k_cache.dtype))
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1:
@@ -128,37 +139,46 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, *, scale
         seq_starts = _unit_stride(seq_starts)
     if backend == "torch":
         out.copy_(reference.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale=scale,
-                                                   validate=False, seq_starts=seq_starts))
+                                                   k_scale=k_scale, v_scale=v_scale, validate=False,
+                                                   seq_starts=seq_starts))
     elif backend == "cuda":
         from . import cuda_ext
         cuda_ext.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, shape, scale, out)
     else:
         from . import triton_decode
         triton_decode.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, shape, scale, out,
-                                             seq_starts=seq_starts, split_counters=split_counters)
+                                             seq_starts=seq_starts, split_counters=split_counters, k_scale=k_scale,
+                                             v_scale=v_scale)
     return out
 
 
-def write_kv_cache(k, v, k_cache, v_cache, slot_mapping, *, backend="auto", validate=True):
+def write_kv_cache(k, v, k_cache, v_cache, slot_mapping, *, k_scale=None, v_scale=None, backend="auto",
+                   validate=True):
     """Writes new tokens' K and V into their slots of the paged cache, in place.
 
     Args:
-        k, v: [N, H_kv, D], the cache's dtype.
+        k, v: [N, H_kv, D], the cache's dtype (fp16 / bf16 / fp32 for fp8 / int8 pages).
         k_cache, v_cache: [num_blocks, block_size, H_kv, D].
         slot_mapping: int64 [N], block * block_size + offset for each token; -1 skips the token.
+        k_scale, v_scale: fp32, only with fp8 / int8 pages, which store each row quantized:
+            [num_blocks, block_size, H_kv] receive each written row's scale (absmax / 448 for fp8, / 127
+            for int8) at its slot; [H_kv] are static per-head scales, read (values past +-448 x scale or
+            +-127 x scale saturate).
         backend: "auto" | "triton" | "cuda" | "torch".
         validate: check slots are in range and distinct (one device sync; skipped while capturing).
     """
     _, num_slots = check_write_inputs(k, v, k_cache, v_cache, slot_mapping)
-    backend = resolve_backend(backend, k_cache.device)
+    check_kv_scales(k_cache, v_cache, k_scale, v_scale)
+    backend = resolve_backend(backend, k_cache.device, quantized=is_quantized(k_cache.dtype))
     if validate:
         check_slot_values(slot_mapping, num_slots)
     slot_mapping = _unit_stride(slot_mapping)
     if backend == "torch":
-        reference.write_kv_cache(k, v, k_cache, v_cache, slot_mapping, validate=False)
+        reference.write_kv_cache(k, v, k_cache, v_cache, slot_mapping, k_scale=k_scale, v_scale=v_scale,
+                                 validate=False)
     elif backend == "cuda":
         from . import cuda_ext
         cuda_ext.write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
     else:
         from . import triton_write_kv
-        triton_write_kv.write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
+        triton_write_kv.write_kv_cache(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)

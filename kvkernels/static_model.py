@@ -14,7 +14,8 @@ the modelled TB/s streams each wave at min(peak, its bytes in flight / latency).
 The CUDA kernel (csrc/) is modelled from its sm_90 register table only (kvkernels/cuda_ext.py).
 
 Needs a triton with the NVIDIA backend and TRITON_INTERPRET unset: run it in its own process
-(`python -m kvkernels.static_model`, `python -m bench.kernels --static`, tests/compile_sm90.py).
+(`python -m kvkernels.static_model`, `python -m kvkernels.static_model --quant` for fp8 / int8 pages
+against fp16, `python -m bench.kernels --static`, tests/compile_sm90.py).
 """
 import dataclasses
 import functools
@@ -46,6 +47,7 @@ class DecodePoint:
     block_size: int
     batch: int
     context: int
+    cache_dtype: str = None  # "float8_e4m3fn" / "int8" pages with per-token scales; None: dtype's pages
 
 
 GPT2 = dict(dtype="float16", num_heads=12, num_kv_heads=12, head_dim=64, block_size=16)
@@ -210,24 +212,26 @@ def _split_counter_ordered(ops):
 
 def _point_tensors(point: DecodePoint):
     dtype = getattr(torch, point.dtype)
+    cache_dtype = getattr(torch, point.cache_dtype or point.dtype)
     blocks = point.context // point.block_size
     q = torch.empty(point.batch, point.num_heads, point.head_dim, dtype=dtype)
-    cache = torch.empty(2, point.block_size, point.num_kv_heads, point.head_dim, dtype=dtype)
+    cache = torch.empty(2, point.block_size, point.num_kv_heads, point.head_dim, dtype=cache_dtype)
+    scales = torch.empty(2, point.block_size, point.num_kv_heads) if point.cache_dtype else None
     tables = torch.zeros(point.batch, blocks, dtype=torch.int32)
     lens = torch.full((point.batch,), point.context, dtype=torch.int32)
-    return q, cache, cache, tables, lens
+    return q, cache, cache, tables, lens, scales
 
 
 def point_launches(point: DecodePoint, num_splits: int, fold_merge: bool = False):
     """[(kernel, args, kwargs, grid)] of a decode at `point` with `num_splits` (small stand-in tensors with
     the real strides: only strides, alignment and ints decide the specialisation); fold_merge: with split
     counters, as kvkernels.generate launches it (the merge in the decode kernel)."""
-    q, k_cache, v_cache, tables, lens = _point_tensors(point)
+    q, k_cache, v_cache, tables, lens, scales = _point_tensors(point)
     shape = check_decode_inputs(q, k_cache, v_cache, tables, lens)
-    config = triton_decode.decode_config(shape, q.dtype)
+    config = triton_decode.decode_config(shape, q.dtype, k_cache.dtype)
     counters = torch.zeros(point.batch, point.num_kv_heads, dtype=torch.int32) if fold_merge else None
     return triton_decode.decode_launches(q, k_cache, v_cache, tables, lens, shape, 1.0, torch.empty_like(q), config,
-                                         num_splits, split_counters=counters)
+                                         num_splits, split_counters=counters, k_scale=scales, v_scale=scales)
 
 
 def point_splits(point: DecodePoint, sms: int = SMS) -> int:
@@ -317,8 +321,51 @@ def header() -> str:
             "per SM keeps HBM busy")
 
 
+# Issue 14's speed points: fp8 / int8 pages against fp16 pages.
+QUANT_POINTS = [
+    DecodePoint("gpt2 B=1 x 1k", batch=1, context=1024, **GPT2),
+    DecodePoint("gpt2 B=1 x 16k", batch=1, context=16384, **GPT2),
+    DecodePoint("gpt2 B=64 x 16k", batch=64, context=16384, **GPT2),
+    DecodePoint("gqa32/8 d128 B=1 x 16k", batch=1, context=16384, **GQA),
+    DecodePoint("gqa32/8 d128 B=64 x 16k", batch=64, context=16384, **GQA),
+]
+
+
+def kv_bytes(point: DecodePoint) -> int:
+    """K + V bytes a decode at `point` reads: pages, and per-token fp32 scales for fp8 / int8 pages."""
+    itemsize = getattr(torch, point.cache_dtype or point.dtype).itemsize
+    per_row = point.head_dim * itemsize + (4 if point.cache_dtype else 0)
+    return point.batch * point.context * point.num_kv_heads * per_row * 2
+
+
+def quant_speedups(points=QUANT_POINTS) -> list:
+    """Per point and page dtype: the main decode kernel's modelled time (K/V bytes / modelled TB/s; the merge and
+    launch overheads left out, so short contexts are flattered) and its speed-up over fp16 pages."""
+    rows = []
+    for point in points:
+        base_us = None
+        for cache_dtype in (None, "float8_e4m3fn", "int8"):
+            quant_point = dataclasses.replace(point, cache_dtype=cache_dtype)
+            main_row = model_point(quant_point)[0]
+            us = kv_bytes(quant_point) / (main_row["modelled_tb_s"] * 1e12) * 1e6
+            base_us = base_us or us
+            rows.append(dict(point=point.name, pages=cache_dtype or point.dtype, splits=main_row["splits"],
+                             ctas_per_sm=main_row["ctas_per_sm"], waves=main_row["waves"],
+                             bytes_in_flight_per_sm=main_row["bytes_in_flight_per_sm"],
+                             modelled_tb_s=main_row["modelled_tb_s"], kv_mib=round(kv_bytes(quant_point) / 2**20, 2),
+                             modelled_us=round(us, 2), speedup=round(base_us / us, 2)))
+    return rows
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    if "--quant" in argv:
+        rows = quant_speedups()
+        print(header())
+        columns = list(rows[0])
+        print("| " + " | ".join(columns) + " |\n|" + " --- |" * len(columns))
+        print("\n".join("| " + " | ".join(str(row[c]) for c in columns) + " |" for row in rows))
+        return
     rows = table()
     if "--json" in argv:
         print(json.dumps(rows))

@@ -9,6 +9,10 @@ each (sequence, KV head) to finish does that merge itself, which saves the secon
 Decode streams K/V, so the loop is built for bytes in flight: each tile's block-table entries are loaded
 a tile ahead, K and V are issued together, one head per KV head reduces [N, D] x [D] in registers and
 grouped heads use two tensor-core dots. `kvkernels/static_model.py` checks the sm_90 cubins.
+
+fp8 / int8 pages (QUANTIZED) are dequantized in registers: a tile's per-token scales are loaded with its
+K and V and folded into the scores and into the probabilities (one head) or V's rows (grouped heads; static
+per-head scales into the softmax scale and the output), so the loop reads 1 byte per element plus 8 bytes per token.
 """
 import dataclasses
 import functools
@@ -18,15 +22,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._validate import check_decode_inputs
+from ._validate import check_decode_inputs, is_quantized
+from .triton_write_kv import quant_constexprs, scale_strides
 from .split import MIN_SPLIT_TOKENS, choose_num_splits, ctas_per_sm, num_sms
 
 LOG2_E = 1.4426950408889634
-# CTAs per SM of the split decode kernel on sm_90 for one head / grouped heads: the static model
+# CTAs per SM of the split decode kernel on sm_90 by (grouped heads, fp8 / int8 pages): the static model
 # (kvkernels/static_model.py, 2026-11-24: 7 and 5 with triton 3.9, 6 and 5 with triton 3.6; the lower
-# kept; tests/test_triton_compile.py fails when the compiled kernel fits fewer). Used where no compiled
-# kernel can be asked (the CPU interpreter).
-STATIC_CTAS_PER_SM = {False: 6, True: 5}
+# kept; quantized pages 5 and 3 with triton 3.9, not yet compiled with 3.6; tests/test_triton_compile.py
+# fails when the compiled kernel fits fewer). Used where no compiled kernel can be asked (the CPU interpreter).
+STATIC_CTAS_PER_SM = {(False, False): 6, (True, False): 5, (False, True): 5, (True, True): 3}
 
 
 @triton.jit
@@ -77,13 +82,26 @@ def _load_tile(k_base, v_base, block_ids, tokens, end, dims, dim_mask,
 
 
 @triton.jit
+def _load_tile_scales(k_scale_base, v_scale_base, block_ids, tokens, end,
+                      stride_ksb, stride_kst, stride_vsb, stride_vst, BLOCK_SIZE: tl.constexpr):
+    # Per-token K and V scales [N] of one tile (0 past the partition: free slots' scales may be NaN).
+    slot_in_block = (tokens % BLOCK_SIZE).to(tl.int64)
+    ks = tl.load(k_scale_base + block_ids * stride_ksb + slot_in_block * stride_kst, mask=tokens < end, other=0.0)
+    vs = tl.load(v_scale_base + block_ids * stride_vsb + slot_in_block * stride_vst, mask=tokens < end, other=0.0)
+    return ks, vs
+
+
+@triton.jit
 def _paged_decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, seq_starts_ptr,
     out_ptr, partial_out_ptr, partial_lse_ptr, split_counters_ptr,
+    k_scale_ptr, v_scale_ptr,  # fp32 scales of fp8 / int8 pages; unread otherwise
     qk_scale,  # softmax scale * log2(e): the kernel works in base 2
     stride_qb, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
+    stride_ksb, stride_kst, stride_ksh,  # 0, 0, s for static per-head scales
+    stride_vsb, stride_vst, stride_vsh,
     stride_tb,
     stride_ob, stride_oh,
     max_blocks_per_seq,
@@ -94,6 +112,7 @@ def _paged_decode_kernel(
     SPLIT: tl.constexpr, MIN_SPLIT_TOKENS: tl.constexpr, NUM_STAGES: tl.constexpr,
     DOT_IN_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_STARTS: tl.constexpr,
     FOLD_MERGE: tl.constexpr, SPLITS_PAD: tl.constexpr,
+    QUANTIZED: tl.constexpr, PER_TOKEN_SCALES: tl.constexpr, QUANT_MAX: tl.constexpr, QUANT_INT: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -116,6 +135,10 @@ def _paged_decode_kernel(
     v_base = v_cache_ptr + kv_head.to(tl.int64) * stride_vh
     offsets = tl.arange(0, TILE_N)
     block_ids = _table_entries(table, start + offsets, end, BLOCK_SIZE)        # [N] first tile's entries
+    k_scale_base = k_scale_ptr + kv_head.to(tl.int64) * stride_ksh
+    v_scale_base = v_scale_ptr + kv_head.to(tl.int64) * stride_vsh
+    if QUANTIZED and not PER_TOKEN_SCALES:
+        qk_scale = qk_scale * tl.load(k_scale_base)                            # static: K's scale into q's
 
     if GROUP == 1:
         # One head: [N, D] x [D] reductions in fp32, no [G, N, D] broadcast.
@@ -128,12 +151,19 @@ def _paged_decode_kernel(
             next_ids = _table_entries(table, tokens + TILE_N, end, BLOCK_SIZE)  # a round ahead
             k, v = _load_tile(k_base, v_base, block_ids, tokens, end, dims, dim_mask,
                               stride_kb, stride_kt, stride_vb, stride_vt, BLOCK_SIZE)
+            if PER_TOKEN_SCALES:
+                ks, vs = _load_tile_scales(k_scale_base, v_scale_base, block_ids, tokens, end,
+                                           stride_ksb, stride_kst, stride_vsb, stride_vst, BLOCK_SIZE)
             scores = tl.sum(k.to(tl.float32) * q1[None, :], axis=1)            # [N]
+            if PER_TOKEN_SCALES:
+                scores = scores * ks
             scores = tl.where(tokens < end, scores, float("-inf"))
             m_new = tl.maximum(m, tl.max(scores, axis=0))                      # [1]
             p = tl.exp2(scores - m_new)                                        # [N]
             alpha = tl.exp2(m - m_new)
             l = l * alpha + tl.sum(p, axis=0)
+            if PER_TOKEN_SCALES:
+                p = p * vs                                                     # V's scales into the weights
             acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
             m = m_new
             block_ids = next_ids
@@ -153,10 +183,19 @@ def _paged_decode_kernel(
             next_ids = _table_entries(table, tokens + TILE_N, end, BLOCK_SIZE)
             k, v = _load_tile(k_base, v_base, block_ids, tokens, end, dims, dim_mask,
                               stride_kb, stride_kt, stride_vb, stride_vt, BLOCK_SIZE)
-            if DOT_IN_FP32:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
+            if PER_TOKEN_SCALES:
+                ks, vs = _load_tile_scales(k_scale_base, v_scale_base, block_ids, tokens, end,
+                                           stride_ksb, stride_kst, stride_vsb, stride_vst, BLOCK_SIZE)
+            if DOT_IN_FP32 or QUANTIZED:  # fp8 / int8 values are exact in fp16 and fp32
+                k = k.to(q.dtype)
+                if PER_TOKEN_SCALES:
+                    # V's scales into V's rows, not into p: p * scale in fp16 would fall to subnormals
+                    # (spacing 6e-8) over a long, flat context
+                    v = v.to(tl.float32) * vs[:, None]
+                v = v.to(q.dtype)
             scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [G, N]
+            if PER_TOKEN_SCALES:
+                scores = scores * ks[None, :]
             scores = tl.where((tokens < end)[None, :], scores, float("-inf"))
             m_new = tl.maximum(m, tl.max(scores, axis=1))
             p = tl.exp2(scores - m_new[:, None])                               # [G, N]
@@ -167,6 +206,8 @@ def _paged_decode_kernel(
             block_ids = next_ids
         out = acc / l[:, None]
         lse = m + tl.log2(l)
+    if QUANTIZED and not PER_TOKEN_SCALES:
+        out = out * tl.load(v_scale_base)                                      # static: V's scale once
 
     if not SPLIT:
         o_ptrs = out_ptr + seq * stride_ob + heads[:, None] * stride_oh + dims[None, :]
@@ -234,17 +275,29 @@ class DecodeConfig:
     num_stages: int
 
 
-def decode_config(shape, dtype: torch.dtype) -> DecodeConfig:
-    """Tile, warps and pipeline depth for a shape (bounds checked on sm_90 cubins by the static model).
+def decode_config(shape, dtype: torch.dtype, cache_dtype: torch.dtype = None) -> DecodeConfig:
+    """Tile, warps and pipeline depth for a shape, q's dtype and the page dtype (default: q's), bounds checked on
+    sm_90 cubins by the static model.
 
     8 KB of K (and 8 KB of V) per tile, issued together by a 4-warp program: at 5-7 CTAs per SM several
-    times the ~16 KB per SM an H100 needs in flight, and small enough that fp32 tiles do not spill."""
+    times the ~16 KB per SM an H100 needs in flight, and small enough that fp32 tiles do not spill.
+    fp8 / int8 pages are converted to q's dtype (grouped dots) or fp32 (one head) in registers, so their tile
+    is sized by q's dtype: one fp16 / bf16 head reads twice the tokens (the same 8 KB); grouped heads read
+    fp16's tokens (half the bytes: twice the tokens fit 2 CTAs per SM, these 3), and grouped fp32 dots
+    pipeline nothing (two stages of converted tiles spill)."""
     head_dim_pad = max(16, triton.next_power_of_2(shape.head_dim))
-    return DecodeConfig(tile=max(16, min(128, 8192 // (head_dim_pad * dtype.itemsize))), num_warps=4, num_stages=2)
+    tile = max(16, min(128, 8192 // (head_dim_pad * dtype.itemsize)))
+    if not is_quantized(cache_dtype):
+        return DecodeConfig(tile=tile, num_warps=4, num_stages=2)
+    grouped = shape.num_heads > shape.num_kv_heads
+    if not grouped and dtype.itemsize == 2:
+        tile = min(128, 2 * tile)
+    return DecodeConfig(tile=tile, num_warps=4, num_stages=1 if grouped and dtype == torch.float32 else 2)
 
 
 def decode_launches(q, k_cache, v_cache, block_tables, seq_lens, shape, scale, out, config, num_splits,
-                    min_split_tokens=MIN_SPLIT_TOKENS, split_counters=None, seq_starts=None):
+                    min_split_tokens=MIN_SPLIT_TOKENS, split_counters=None, seq_starts=None, k_scale=None,
+                    v_scale=None):
     """The kernel launches of one decode as [(kernel, args, kwargs, grid)]: run by `paged_decode_attention`,
     compiled for sm_90 by `kvkernels.static_model`. Shapes as in `paged_decode_attention`; with split
     counters a split decode is one launch (the merge folded into it), else two."""
@@ -264,10 +317,12 @@ def decode_launches(q, k_cache, v_cache, block_tables, seq_lens, shape, scale, o
     launches = [(_paged_decode_kernel, (
         q, k_cache, v_cache, block_tables, seq_lens, starts, out, partial_out, partial_lse,
         split_counters if fold_merge else seq_lens,  # unused without the fold
+        k_cache if k_scale is None else k_scale, v_cache if v_scale is None else v_scale,  # unread without scales
         scale * LOG2_E,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        *scale_strides(k_scale, k_cache), *scale_strides(v_scale, v_cache),
         block_tables.stride(0),
         out.stride(0), out.stride(1),
         shape.max_blocks_per_seq, num_splits,
@@ -277,6 +332,7 @@ def decode_launches(q, k_cache, v_cache, block_tables, seq_lens, shape, scale, o
         NUM_STAGES=config.num_stages, DOT_IN_FP32=q.dtype != torch.float16,
         DOT_PRECISION="tf32" if q.dtype == torch.bfloat16 else "ieee", HAS_STARTS=has_starts, FOLD_MERGE=fold_merge,
         SPLITS_PAD=splits_pad if fold_merge else 1, num_warps=config.num_warps,
+        **quant_constexprs(k_cache, k_scale),
     ), (batch, shape.num_kv_heads, num_splits))]
     if num_splits > 1 and not fold_merge:
         launches.append((_merge_splits_kernel, (
@@ -291,18 +347,21 @@ def decode_launches(q, k_cache, v_cache, block_tables, seq_lens, shape, scale, o
 
 @functools.lru_cache(maxsize=None)
 def split_kernel_ctas_per_sm(device: torch.device, dtype: torch.dtype, group: int, head_dim: int,
-                             block_size: int) -> int:
+                             block_size: int, cache_dtype: torch.dtype = None) -> int:
     """CTAs per SM of the split decode kernel: on CUDA from the kernel compiled for stand-in inputs of this
     configuration (aligned and contiguous, as the caches are), elsewhere the static model's."""
+    cache_dtype = cache_dtype or dtype
     if device.type != "cuda":
-        return STATIC_CTAS_PER_SM[group > 1]
+        return STATIC_CTAS_PER_SM[group > 1, is_quantized(cache_dtype)]
     q = torch.empty(1, group, head_dim, device=device, dtype=dtype)
-    cache = torch.empty(1, block_size, 1, head_dim, device=device, dtype=dtype)
+    cache = torch.empty(1, block_size, 1, head_dim, device=device, dtype=cache_dtype)
+    scales = torch.empty(1, block_size, 1, device=device) if cache_dtype != dtype else None
     tables = torch.zeros(1, 16, device=device, dtype=torch.int32)  # 16 columns: specialised like a real table
     lens = torch.ones(1, device=device, dtype=torch.int32)
     shape = check_decode_inputs(q, cache, cache, tables, lens)
     fn, args, kwargs, grid = decode_launches(q, cache, cache, tables, lens, shape, 1.0, torch.empty_like(q),
-                                             decode_config(shape, dtype), num_splits=2)[0]
+                                             decode_config(shape, dtype, cache_dtype), num_splits=2,
+                                             k_scale=scales, v_scale=scales)[0]
     try:
         kernel = fn.warmup(*args, grid=grid, **kwargs)  # the launch then finds it in Triton's cache
         kernel._init_handles()  # loads the cubin: n_regs is known from here
@@ -310,24 +369,28 @@ def split_kernel_ctas_per_sm(device: torch.device, dtype: torch.dtype, group: in
     except Exception as e:  # a Triton whose compiled-kernel API moved: split by the model rather than fail
         warnings.warn(f"kvkernels: could not read the decode kernel's occupancy ({e}); splitting by the static "
                       "model's", RuntimeWarning, stacklevel=2)
-        return STATIC_CTAS_PER_SM[group > 1]
+        return STATIC_CTAS_PER_SM[group > 1, is_quantized(cache_dtype)]
 
 
-def default_num_splits(shape, dtype: torch.dtype, device: torch.device, min_split_tokens=MIN_SPLIT_TOKENS) -> int:
+def default_num_splits(shape, dtype: torch.dtype, device: torch.device, min_split_tokens=MIN_SPLIT_TOKENS,
+                       cache_dtype: torch.dtype = None) -> int:
     """The split count a launch of `shape` picks: from the split kernel's occupancy and the SM count."""
+    cache_dtype = cache_dtype or dtype
     occupancy = split_kernel_ctas_per_sm(device, dtype, shape.num_heads // shape.num_kv_heads, shape.head_dim,
-                                         shape.block_size)
+                                         shape.block_size, cache_dtype)
     return choose_num_splits(shape.batch, shape.num_kv_heads, shape.max_blocks_per_seq * shape.block_size,
-                             num_sms(device), occupancy, decode_config(shape, dtype).tile, min_split_tokens)
+                             num_sms(device), occupancy, decode_config(shape, dtype, cache_dtype).tile,
+                             min_split_tokens)
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, shape, scale, out,
                            *, num_splits=None, min_split_tokens=MIN_SPLIT_TOKENS, seq_starts=None,
-                           split_counters=None):
+                           split_counters=None, k_scale=None, v_scale=None):
     """Launches the decode kernel (and the merge when splitting without counters) into `out`. Inputs checked
     by kvkernels.ops.
 
-    q, out [B, H, D]; k_cache, v_cache [num_blocks, block_size, H_kv, D]; block_tables int32 [B, M];
+    q, out [B, H, D]; k_cache, v_cache [num_blocks, block_size, H_kv, D] (q's dtype, or fp8 / int8 with
+    fp32 k_scale, v_scale [num_blocks, block_size, H_kv] or [H_kv]); block_tables int32 [B, M];
     seq_lens int32 [B]; seq_starts: None or int32 [B], each sequence's first visible token (sliding window);
     shape: the DecodeShape from validation.
     num_splits: the static maximum partitions per sequence (default: from occupancy, kvkernels.split).
@@ -335,11 +398,11 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, shape, s
     """
     if shape.batch == 0:
         return out
-    config = decode_config(shape, q.dtype)
+    config = decode_config(shape, q.dtype, k_cache.dtype)
     if num_splits is None:
-        num_splits = default_num_splits(shape, q.dtype, q.device, min_split_tokens)
+        num_splits = default_num_splits(shape, q.dtype, q.device, min_split_tokens, k_cache.dtype)
     for kernel, args, kwargs, grid in decode_launches(q, k_cache, v_cache, block_tables, seq_lens, shape, scale, out,
                                                       config, num_splits, min_split_tokens, split_counters,
-                                                      seq_starts):
+                                                      seq_starts, k_scale, v_scale):
         kernel[grid](*args, **kwargs)
     return out

@@ -12,8 +12,12 @@ from kvkernels import static_model, triton_write_kv
 from kvkernels.static_model import DecodePoint, GPT2, GQA
 
 
-def point(dtype, head_dim, num_heads, num_kv_heads, batch=2, context=4096):
-    return DecodePoint(f"{dtype}-d{head_dim}", dtype, num_heads, num_kv_heads, head_dim, 16, batch, context)
+def point(dtype, head_dim, num_heads, num_kv_heads, batch=2, context=4096, cache_dtype=None):
+    return DecodePoint(f"{dtype}-d{head_dim}", dtype, num_heads, num_kv_heads, head_dim, 16, batch, context,
+                       cache_dtype)
+
+
+FP8, INT8 = "float8_e4m3fn", "int8"
 
 
 # (point, splits); a split case also compiles its merge kernel.
@@ -28,16 +32,25 @@ DECODE_CASES = {
     # the design points the static bounds are asserted on
     "gpt2-split22": (DecodePoint("gpt2", batch=16, context=4096, **GPT2), 22),
     "gqa-32x8-d128-split8": (DecodePoint("gqa", batch=16, context=4096, **GQA), 8),
+    # fp8 / int8 pages (per-token scales), the same design points and the other q dtypes / head dims
+    "gpt2-fp8-split22": (DecodePoint("gpt2", batch=16, context=4096, cache_dtype=FP8, **GPT2), 22),
+    "gpt2-int8-split22": (DecodePoint("gpt2", batch=16, context=4096, cache_dtype=INT8, **GPT2), 22),
+    "gqa-32x8-d128-fp8-split8": (DecodePoint("gqa", batch=16, context=4096, cache_dtype=FP8, **GQA), 8),
+    "gqa-32x8-d128-int8-split8": (DecodePoint("gqa", batch=16, context=4096, cache_dtype=INT8, **GQA), 8),
+    "decode-bf16-d128-gqa4-fp8": (point("bfloat16", 128, 8, 2, cache_dtype=FP8), 1),
+    "decode-fp32-d256-int8": (point("float32", 256, 2, 2, cache_dtype=INT8), 1),
+    "decode-fp32-d128-gqa4-fp8": (point("float32", 128, 8, 2, cache_dtype=FP8), 1),
 }
 # the same design points with the merge folded into the decode kernel (split counters, as generate runs it)
 FOLDED_CASES = {name + "-folded": case for name, case in DECODE_CASES.items() if name in ("gpt2-split22",
                                                                                           "gqa-32x8-d128-split8")}
 
 
-def write_case(num_kv_heads=12, head_dim=64, block_size=16):
+def write_case(num_kv_heads=12, head_dim=64, block_size=16, cache_dtype=torch.float16):
     k = torch.empty(4, num_kv_heads, head_dim, dtype=torch.float16)
-    cache = torch.empty(8, block_size, num_kv_heads, head_dim, dtype=torch.float16)
-    return triton_write_kv.write_kv_launch(k, k, cache, cache, torch.zeros(4, dtype=torch.int64))
+    cache = torch.empty(8, block_size, num_kv_heads, head_dim, dtype=cache_dtype)
+    scales = torch.empty(8, block_size, num_kv_heads) if cache_dtype != torch.float16 else None
+    return triton_write_kv.write_kv_launch(k, k, cache, cache, torch.zeros(4, dtype=torch.int64), scales, scales)
 
 
 def analyse_all():
@@ -49,8 +62,10 @@ def analyse_all():
     for name, (decode_point, splits) in FOLDED_CASES.items():
         (fn, args, kwargs, _), = static_model.point_launches(decode_point, splits, fold_merge=True)
         results[name] = static_model.analyse(static_model.compile_launch(fn, args, kwargs))
-    fn, args, kwargs, _ = write_case()
-    results["write-h12-d64"] = static_model.analyse(static_model.compile_launch(fn, args, kwargs))
+    for name, cache_dtype in (("write-h12-d64", torch.float16), ("write-h12-d64-fp8", torch.float8_e4m3fn),
+                              ("write-h12-d64-int8", torch.int8)):
+        fn, args, kwargs, _ = write_case(cache_dtype=cache_dtype)
+        results[name] = static_model.analyse(static_model.compile_launch(fn, args, kwargs))
     return results
 
 

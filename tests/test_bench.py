@@ -85,7 +85,9 @@ def test_kernels_quick_outputs(kernels_run):
     for point in saved["points"]:
         shape = kernels.SHAPES[point["shape"]]
         assert point["kv_bytes"] == point["batch"] * point["context"] * shape.num_kv_heads * shape.head_dim * 2 * 2
-        for name in ("triton", "torch", "sdpa"):  # run on every machine
+        assert point["quantized_kv_bytes"] == point["batch"] * point["context"] * shape.num_kv_heads * \
+            (shape.head_dim + 4) * 2
+        for name in ("triton", "triton_fp8", "triton_int8", "torch", "sdpa"):  # run on every machine
             cell = point["columns"][name]
             assert cell["status"] == "ok", (point["shape"], point["batch"], point["context"], name, cell)
             assert cell["us"] > 0 and cell["gbps"] > 0 and cell["pct_copy"] > 0
@@ -94,6 +96,8 @@ def test_kernels_quick_outputs(kernels_run):
         assert cuda["status"] == "ok" or (cuda["status"] in ("unavailable", "failed") and cuda["error"])
     markdown = (out / "kernels.md").read_text()
     assert "Issue-2 targets" in markdown and "kvkernels triton" in markdown and "torch SDPA" in markdown
+    assert "Issue-14 targets" in markdown and "kvkernels triton int8 pages" in markdown
+    assert {t["verdict"] for t in saved["quant_targets"]} == {"not in this run"}  # the quick grid has no 16k
     assert_smoke_run_labelled(markdown)
     # The quick copy is smaller than a full run's, and its % columns say whose copy they are of.
     assert re.search(r"copy of 64 MiB.*\(a full run copies 1,024 MiB; a small copy can sit in cache", markdown)

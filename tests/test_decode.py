@@ -128,7 +128,7 @@ def test_triton_default_split_heuristic_splits_long_contexts():
     p = make_problem([700, 3], num_heads=1, num_kv_heads=1, head_dim=32, block_size=32, device=DEVICE)
     shape = check_decode_inputs(*p.args())
     assert kvkernels.split.choose_num_splits(2, 1, shape.max_blocks_per_seq * 32, kvkernels.split.num_sms(DEVICE),
-                                             triton_decode.STATIC_CTAS_PER_SM[False]) > 1
+                                             triton_decode.STATIC_CTAS_PER_SM[False, False]) > 1
     check_against_reference(p, run_backend(p, "triton"))
 
 

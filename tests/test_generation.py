@@ -51,7 +51,8 @@ def test_greedy_with_split_attention_matches_hf(monkeypatch):
     them inside the decode kernel through its split counters, step after step on the same counters."""
     from kvkernels import generation, triton_decode
 
-    monkeypatch.setattr(triton_decode, "decode_config", lambda shape, dtype: triton_decode.DecodeConfig(16, 4, 2))
+    monkeypatch.setattr(triton_decode, "decode_config",
+                        lambda shape, dtype, cache_dtype=None: triton_decode.DecodeConfig(16, 4, 2))
     monkeypatch.setattr(triton_decode, "paged_decode_attention",
                         functools.partial(triton_decode.paged_decode_attention, num_splits=3, min_split_tokens=16))
     runners = []

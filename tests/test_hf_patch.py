@@ -292,7 +292,9 @@ def test_bad_inputs_give_clear_errors_and_the_model_stays_usable():
     with pytest.raises(ValueError, match="max_tokens"):
         kvkernels.patch(model, max_tokens=-5)
     with pytest.raises(TypeError, match="cache_dtype"):
-        kvkernels.patch(model, cache_dtype=torch.int8)
+        kvkernels.patch(model, cache_dtype=torch.int16)
+    with pytest.raises(ValueError, match="cache_dtype"):
+        kvkernels.patch(model, cache_dtype="int4")
     assert not is_patched(model)
 
     kvkernels.patch(model, backend="torch")

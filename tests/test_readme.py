@@ -16,7 +16,8 @@ SNIPPETS = re.findall(r"```python\n(.*?)\n```", README, re.S)
 EXPECTED = [r"Triton on (cpu|cuda): max \|out - reference\| = ([\d.e+-]+)",
             r"patched model\.generate == HF: True\nkvkernels\.generate sampled: '.+'",
             r"patched Llama generate == HF: True\nkvkernels\.generate == HF: True",
-            r"paged decode == dense attention: True\n\d+/\d+ blocks in use"]
+            r"paged decode == dense attention: True\n\d+/\d+ blocks in use",
+            r"int8 cache: \d+% of greedy tokens as with the model-dtype cache\nfp8 pages hold 1\.[89]\dx the tokens"]
 
 
 def readme_commands():

@@ -29,9 +29,10 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from .._validate import is_quantized
 from ..cache import CacheFullError, PagedKVCache
 from ..gpt2_common import blocks_for
-from ..ops import paged_decode_attention, resolve_backend, write_kv_cache
+from ..ops import paged_decode_attention, resolve_backend
 from ..reference import gather_kv
 
 
@@ -204,11 +205,9 @@ class PagedCache(Cache):
         if self.columns is None:
             return None
         pool = self.pool
-        pages = (pool.v_pools if values else pool.k_pools)[layer]
         lens = [pool.seq_len(s) for s in range(self.num_seqs)]
-        slots = self._slots_of(pool, range(self.num_seqs), lens)
-        rows = pages.view(-1, self.num_kv_heads, self.head_dim).index_select(0, slots)
-        out = pages.new_zeros(self.num_seqs, self.seen_tokens, self.num_kv_heads, self.head_dim)
+        rows = pool.read(layer, self._slots_of(pool, range(self.num_seqs), lens))[int(values)]
+        out = rows.new_zeros(self.num_seqs, self.seen_tokens, self.num_kv_heads, self.head_dim)
         out[self.columns.to(pool.device)] = rows                 # row-major order = sequence by sequence
         return out.transpose(1, 2)
 
@@ -229,10 +228,10 @@ class PagedCache(Cache):
             self.seen_tokens += num_new
             self._append_columns(torch.ones(batch, num_new, dtype=torch.bool))
         pool = self.pool
-        write_kv_cache(key_states.transpose(1, 2).reshape(-1, self.num_kv_heads, self.head_dim).to(pool.dtype),
-                       value_states.transpose(1, 2).reshape(-1, self.num_kv_heads, self.head_dim).to(pool.dtype),
-                       pool.k_pools[layer_idx], pool.v_pools[layer_idx], self._hf_step_slots, backend=self.backend,
-                       validate=False)
+        pool.append(layer_idx,
+                    key_states.transpose(1, 2).reshape(-1, self.num_kv_heads, self.head_dim).to(pool.dtype),
+                    value_states.transpose(1, 2).reshape(-1, self.num_kv_heads, self.head_dim).to(pool.dtype),
+                    self._hf_step_slots)
         return (self.logical_kv(layer_idx, values=False).to(key_states.dtype),
                 self.logical_kv(layer_idx, values=True).to(value_states.dtype))
 
@@ -242,20 +241,23 @@ class PagedCache(Cache):
         return None if self.pool is None else self.pool.memory()
 
     def _new_pool(self, num_seqs, num_blocks, dtype, device):
+        """dtype: the model's (what k, v and q come in as); the pages are cache_dtype's."""
+        quantized = is_quantized(self.cache_dtype)
         return PagedKVCache(self.num_layers, self.num_kv_heads, self.head_dim, max_batch_size=num_seqs,
                             num_blocks=num_blocks, block_size=self.block_size,
                             max_blocks_per_seq=blocks_for(self.position_limit or num_blocks * self.block_size,
                                                           self.block_size),
-                            dtype=dtype, device=device, backend=self.backend)
+                            dtype=dtype if quantized else self.cache_dtype or dtype, device=device,
+                            backend=self.backend, cache_dtype=self.cache_dtype if quantized else None)
 
     def _allocate(self, num_seqs, num_tokens_first_step, dtype, device):
-        self.backend = resolve_backend(self.backend, device)
+        self.backend = resolve_backend(self.backend, device, quantized=is_quantized(self.cache_dtype))
         if self.max_tokens is not None:
             num_blocks = blocks_for(self.max_tokens, self.block_size)
         else:
             want = max(self.planned_tokens or 0, num_seqs * num_tokens_first_step)
             num_blocks = max(num_seqs * blocks_for(max(want // num_seqs, 1), self.block_size), 1)
-        self.pool = self._new_pool(num_seqs, num_blocks, self.cache_dtype or dtype, device)
+        self.pool = self._new_pool(num_seqs, num_blocks, dtype, device)
         self.num_seqs = num_seqs
 
     def _slots_of(self, pool, seqs, lens):
@@ -282,10 +284,8 @@ class PagedCache(Cache):
         dst = new.reserve(range(len(source_seqs)), lens)
         src = self._slots_of(old, source_seqs, lens)
         for layer in range(self.num_layers):
-            for new_pages, old_pages in ((new.k_pools[layer], old.k_pools[layer]),
-                                         (new.v_pools[layer], old.v_pools[layer])):
-                rows = old_pages.view(-1, self.num_kv_heads, self.head_dim).index_select(0, src)
-                new_pages.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, dst, rows)
+            for new_rows, old_rows in zip(new.slot_tensors(layer), old.slot_tensors(layer)):  # pages and scales
+                new_rows.index_copy_(0, dst, old_rows.index_select(0, src))
         self.pool, self.num_seqs = new, len(source_seqs)
         if self.columns is not None:
             self.columns = self.columns[source_seqs]
@@ -443,22 +443,23 @@ class PagedCache(Cache):
         step.attended.add(layer)
         pool = self.pool
         k_pages, v_pages = pool.k_pools[layer], pool.v_pools[layer]
-        write_kv_cache(key.reshape(batch * num_new, self.num_kv_heads, dim).to(pool.dtype),
-                       value.reshape(batch * num_new, self.num_kv_heads, dim).to(pool.dtype),
-                       k_pages, v_pages, step.slot_mapping, backend=self.backend, validate=False)
+        k_scale, v_scale = pool.k_scales[layer], pool.v_scales[layer]                # None unless fp8 / int8
+        pool.append(layer, key.reshape(batch * num_new, self.num_kv_heads, dim).to(pool.dtype),
+                    value.reshape(batch * num_new, self.num_kv_heads, dim).to(pool.dtype), step.slot_mapping)
         tables, lens = pool.block_tables[:batch, :step.table_blocks], pool.seq_lens[:batch]
         if step.decode:
             starts = self._decode_starts(window)
             # The CUDA kernel has no window start; Triton runs wherever CUDA does.
             backend = "triton" if starts is not None and self.backend == "cuda" else self.backend
             out = paged_decode_attention(query.reshape(batch, heads, dim).to(pool.dtype), k_pages, v_pages, tables,
-                                         lens, scale=scale, backend=backend, validate=False,
-                                         seq_starts=starts)                                   # [B, H, D]
+                                         lens, scale=scale, k_scale=k_scale, v_scale=v_scale, backend=backend,
+                                         validate=False, seq_starts=starts)                    # [B, H, D]
             return out.to(query.dtype).view(batch, 1, heads, dim)
         attn_mask, blind = self._mask(window)
         group = heads // self.num_kv_heads
-        keys, _ = gather_kv(k_pages, tables, lens)                                              # [B, L, H_kv, D]
-        values, _ = gather_kv(v_pages, tables, lens)
+        # prefill reads the pages too: quantized ones come back dequantized, as the decode kernels see them
+        keys, _ = gather_kv(k_pages, tables, lens, k_scale)                                     # [B, L, H_kv, D]
+        values, _ = gather_kv(v_pages, tables, lens, v_scale)
         compute = torch.float32 if upcast else query.dtype
         # A query that sees nothing gets 0 from SDPA (torch >= 2.5), as under HF's sdpa.
         out = F.scaled_dot_product_attention(query.transpose(1, 2).to(compute),

@@ -115,7 +115,9 @@ def patch(model, *, backend="auto", block_size=16, max_tokens=None, cache_dtype=
         block_size: tokens per page.
         max_tokens: fixes the pool at this many tokens over all sequences (CacheFullError past it).
             None sizes it per call: batch x (prompt + max_new_tokens) in generate, grown when a call needs more.
-        cache_dtype: dtype of the pages; None keeps the model's dtype (exact against HF).
+        cache_dtype: dtype of the pages; None keeps the model's dtype (exact against HF). "fp8" /
+            torch.float8_e4m3fn or "int8" / torch.int8 store quantized pages with per-token scales: ~2x the
+            tokens per byte, no longer exact (BENCHMARKS.md, "Quantized KV"); Triton or the reference only.
 
     Patching twice only updates the options. `unpatch` restores the original methods exactly.
     """
@@ -124,8 +126,7 @@ def patch(model, *, backend="auto", block_size=16, max_tokens=None, cache_dtype=
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     check_positive_int("block_size", block_size)
     check_positive_int("max_tokens", max_tokens, allow_none=True)
-    check_cache_dtype(cache_dtype)
-    options = PatchOptions(backend, block_size, max_tokens, cache_dtype)
+    options = PatchOptions(backend, block_size, max_tokens, check_cache_dtype(cache_dtype))
     state = base.__dict__.get(_STATE)
     if state is not None:
         state.options = options

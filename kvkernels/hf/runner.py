@@ -13,7 +13,7 @@ import inspect
 import torch
 import torch.nn.functional as F
 
-from ..ops import paged_decode_attention, write_kv_cache
+from ..ops import paged_decode_attention
 from .attention import active_cache, model_configs
 
 
@@ -75,18 +75,24 @@ class DecoderRunner:
         pool = self.pool
         batch, num_new, heads, dim = query.shape
         kv_heads = key.shape[2]
-        write_kv_cache(key.reshape(-1, kv_heads, dim).to(pool.dtype), value.reshape(-1, kv_heads, dim).to(pool.dtype),
-                       pool.k_pools[layer], pool.v_pools[layer], slots, backend=pool.backend, validate=False)
+        pool.append(layer, key.reshape(-1, kv_heads, dim).to(pool.dtype), value.reshape(-1, kv_heads, dim).to(pool.dtype),
+                    slots)
         if mode == "decode":
             seq_lens = extra                                                           # int32 [B]
             starts = None if window is None else (seq_lens - window).clamp(min=0)
             # The CUDA kernel has no window start; Triton runs wherever CUDA does.
             backend = "triton" if starts is not None and pool.backend == "cuda" else pool.backend
             out = paged_decode_attention(query.reshape(batch, heads, dim).to(pool.dtype), pool.k_pools[layer],
-                                         pool.v_pools[layer], self.tables, seq_lens, scale=scale, backend=backend,
+                                         pool.v_pools[layer], self.tables, seq_lens, scale=scale,
+                                         k_scale=pool.k_scales[layer], v_scale=pool.v_scales[layer], backend=backend,
                                          validate=False, seq_starts=starts)                  # [B, H, D]
             return out.to(query.dtype).view(batch, 1, heads, dim)
         positions = extra                                                              # [B, P]
+        if pool.quantized:  # attend over what the pages hold (dequantized), as the decode steps will
+            stored = (slots >= 0).view(batch, num_new, 1, 1)
+            key_read, value_read = pool.read(layer, slots.clamp(min=0))
+            key = torch.where(stored, key_read.view_as(key).to(key.dtype), key)
+            value = torch.where(stored, value_read.view_as(value).to(value.dtype), value)
         visible = (positions[:, None, :] <= positions[:, :, None]) & real[:, None, :]  # [B, P, P]: causal, real
         if window is not None:
             visible &= positions[:, None, :] > positions[:, :, None] - window
