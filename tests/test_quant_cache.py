@@ -6,7 +6,7 @@ import torch
 import kvkernels
 from kvkernels import reference
 from conftest import DEVICE, kernel_backends
-from helpers import make_gpt2, padded_batch
+from helpers import make_decoder, make_gpt2, padded_batch
 
 QUANT = ["fp8", "int8"]
 
@@ -89,12 +89,14 @@ def test_generate_quantized_kernels_match_the_reference_path(cache_dtype):
     assert session.pool.k_pools[0].dtype == (torch.int8 if cache_dtype == "int8" else torch.float8_e4m3fn)
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
 @pytest.mark.parametrize("cache_dtype", QUANT)
-def test_patch_and_generate_read_the_same_quantized_pages(cache_dtype):
+def test_patch_and_generate_read_the_same_quantized_pages(cache_dtype, family):
     """HF generate on the patched model (its prefill gathers the pages, decode runs the kernel) and
-    kvkernels.generate (its prefill reads the pages back) agree on fp32 greedy tokens; teacher-forced logits
-    stay near the exact ones and differ from them (quantized, not copied)."""
-    model = make_gpt2(initializer_range=0.2, device=DEVICE)
+    kvkernels.generate (its prefill reads the pages back; GPT-2's fused step, other decoders' own modules)
+    agree on fp32 greedy tokens; teacher-forced logits stay near the exact ones and differ from them
+    (quantized, not copied)."""
+    model = make_gpt2(initializer_range=0.2, device=DEVICE) if family == "gpt2" else make_decoder(family, device=DEVICE)
     ids, mask = padded_batch(device=DEVICE)
     ours = kvkernels.generate(model, ids, mask, max_new_tokens=16, cache_dtype=cache_dtype)
     with torch.no_grad():
