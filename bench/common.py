@@ -74,7 +74,8 @@ def environment(device: torch.device) -> dict:
     else:
         device_name = f"CPU: {_cpu_name()}"
         device_info = {"cpu_count": os.cpu_count()}
-    commit = _git("rev-parse", "HEAD")
+    # A copy of the tree without .git (the GPU machine's) names its commit in KVKERNELS_COMMIT.
+    commit = _git("rev-parse", "HEAD") or os.environ.get("KVKERNELS_COMMIT", "")
     return {
         "device": device_name,
         "device_type": device.type,

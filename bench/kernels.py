@@ -1,7 +1,8 @@
 """Decode attention over a grid of batch x context x dtype x block size, four implementations side by side.
 
 Columns, all timed on the same device, in the same run, on the same random inputs:
-    triton  kvkernels.paged_decode_attention(backend="triton")
+    triton  kvkernels.paged_decode_attention(backend="triton"), a split merged in its last program (split_counters,
+            as kvkernels.generate runs it)
     triton fp8 / triton int8   the same kernel over the same K / V quantized to float8_e4m3fn / int8 pages with
             per-token scales (checked against the reference over the same quantized pages; GB/s counts the
             1-byte pages and the 4-byte scales read)
@@ -179,16 +180,19 @@ def run_point(shape, batch, context, dtype_name, block_size, grid, device, copy_
     q4 = q.unsqueeze(2)                                                        # [B, H, 1, D]
     sdpa_kwargs = {"enable_gqa": True} if gqa else {}
     out = torch.empty_like(q)  # preallocated: the timed call only launches kernels
+    # Triton merges split partitions in its last program, as kvkernels.generate runs it (the kernel leaves them 0)
+    counters = torch.zeros(batch, shape.num_kv_heads, dtype=torch.int32, device=device)
     quant = {name: (*quantize_pool(k_pool, cache_dtype), *quantize_pool(v_pool, cache_dtype))
              for name, cache_dtype in QUANT_COLUMNS.items()}                   # (k pages, k scales, v pages, v scales)
 
     def quantized_call(name):
         k_pages, k_scale, v_pages, v_scale = quant[name]
         return lambda: kvkernels.paged_decode_attention(q, k_pages, v_pages, tables, lens, k_scale=k_scale,
-                                                        v_scale=v_scale, backend="triton", validate=False, out=out)
+                                                        v_scale=v_scale, backend="triton", validate=False, out=out,
+                                                        split_counters=counters)
     calls = {
         "triton": lambda: kvkernels.paged_decode_attention(q, k_pool, v_pool, tables, lens, backend="triton",
-                                                           validate=False, out=out),
+                                                           validate=False, out=out, split_counters=counters),
         "cuda": lambda: kvkernels.paged_decode_attention(q, k_pool, v_pool, tables, lens, backend="cuda",
                                                          validate=False, out=out),
         "torch": lambda: reference.paged_decode_attention(q, k_pool, v_pool, tables, lens, validate=False),
@@ -298,6 +302,7 @@ def markdown(result) -> str:
         f" (a full run copies {full_mib:,} MiB; a small copy can sit in cache and run faster or slower)"
     lines = ["# Decode attention kernels", "", environment_markdown(env), "",
              *([smoke_run_notice(env), ""] if result.get("quick") else []),
+             *([f"**Partial run: {result['interrupted']}.**", ""] if result.get("interrupted") else []),
              f"Copy bandwidth (device-to-device copy of {copy['bytes_moved'] / 2 / 2**20:,.0f} MiB, read + write "
              f"counted, measured at the start of this run){size_note}: **{fmt(copy['gbps'], 0)} GB/s**. "
              "The % columns are of this copy.", "",
@@ -338,16 +343,19 @@ def run(grid: KernelGrid, device, out_dir, *, progress=True, quick=False) -> dic
         cuda_unavailable = cuda_backend_status(device)
     todo = [(SHAPES[s], b, c, d, bs) for s in grid.shapes for d in grid.dtypes for bs in grid.block_sizes
             for b in grid.batches for c in grid.contexts]
-    points = []
+    points, interrupted = [], None
     bar = tqdm(todo, desc="kernels", unit="point", disable=not progress)
-    for shape, batch, context, dtype, block_size in bar:
-        bar.set_postfix_str(f"{shape.name} {dtype} bs{block_size} B={batch} L={context}")
-        points.append(run_point(shape, batch, context, dtype, block_size, grid, device, copy["gbps"],
-                                cuda_unavailable))
+    try:
+        for shape, batch, context, dtype, block_size in bar:
+            bar.set_postfix_str(f"{shape.name} {dtype} bs{block_size} B={batch} L={context}")
+            points.append(run_point(shape, batch, context, dtype, block_size, grid, device, copy["gbps"],
+                                    cuda_unavailable))
+    except KeyboardInterrupt:   # a time-limited run (SIGINT) keeps what it measured and says where it stopped
+        interrupted = f"interrupted after {len(points)} of {len(todo)} points"
     result = {"benchmark": "kernels", "environment": env, "quick": quick, "config": asdict(grid),
               "copy_bandwidth": copy,
               "cuda_backend": cuda_unavailable or "available", "cuda_backend_load_s": cuda_load.seconds,
-              "points": points}
+              "interrupted": interrupted, "points": points}
     result["targets"] = evaluate_targets(points)
     result["quant_targets"] = evaluate_quant_targets(points)
     write_json(out_dir / "kernels.json", result)
