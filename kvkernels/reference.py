@@ -6,7 +6,7 @@ Shapes follow the kernels exactly (NHD pages, as vLLM and FlashInfer):
     block_tables int32 [B, max_blocks_per_seq]
     seq_lens     int32 [B]
 fp8 (float8_e4m3fn) and int8 pages carry fp32 scales: k_scale, v_scale [num_blocks, block_size, H_kv]
-(one per cached token and KV head: absmax / QUANT_MAX of the row, computed when it is written) or [H_kv]
+(one per cached token and KV head: absmax x (1 / QUANT_MAX) of the row, computed when it is written) or [H_kv]
 (static per-head scales, as vLLM's k_scale / v_scale). A page element x stands for x * scale.
 """
 import torch
@@ -18,13 +18,16 @@ from ._validate import (QUANT_MAX, REFERENCE_DTYPES, check_decode_inputs, check_
 def quantize(x, cache_dtype, scale=None):
     """x [N, H_kv, D] -> (pages [N, H_kv, D] in cache_dtype, fp32 scales [N, H_kv]).
 
-    scale None: per row absmax / QUANT_MAX (1 for an all-zero row); else a static fp32 [H_kv]. Values are
-    divided (IEEE), clamped to +-QUANT_MAX and rounded to nearest even (int8 and fp8 alike).
+    scale None: per row absmax x (1 / QUANT_MAX) (1 for an all-zero row); else a static fp32 [H_kv]. Values are
+    divided (IEEE), clamped to +-QUANT_MAX and rounded to nearest even (int8 and fp8 alike). The scale is a
+    product with an fp32 constant, not a quotient: a product rounds the same on every device, while torch on
+    CUDA divides by a scalar through its reciprocal and Triton's `/` is approximate, so a quotient's last bit
+    (and with it a rounding of x / scale) would depend on where the page was written.
     """
     x = x.float()
     qmax = QUANT_MAX[cache_dtype]
     if scale is None:
-        scale = x.abs().amax(dim=-1) / qmax
+        scale = x.abs().amax(dim=-1) * (1.0 / qmax)
         scale = torch.where(scale > 0, scale, torch.ones((), device=x.device))
     else:
         scale = scale.expand(x.shape[:2])

@@ -1,7 +1,7 @@
 """Triton KV append: copies each new token's K and V rows into its paged slot (one launch per layer step).
 
 fp8 / int8 pages are quantized on the way in (kvkernels.reference.quantize is the same math): per-token
-scales (absmax / QUANT_MAX of each KV head's row) are written beside the page, static per-head ones read.
+scales (absmax x (1 / QUANT_MAX) of each KV head's row, rounded as the reference rounds it) are written beside the page, static per-head ones read.
 """
 import torch
 import triton
@@ -31,7 +31,7 @@ def _quantize_rows(x, scale_ptrs, head_mask, PER_TOKEN_SCALES: tl.constexpr, QUA
                    QUANT_INT: tl.constexpr):
     # x [H, D] fp32 -> values on the page grid [H, D]; per-token scales are stored, static ones loaded.
     if PER_TOKEN_SCALES:
-        scale = tl.max(tl.abs(x), axis=1) / QUANT_MAX                          # [H]
+        scale = tl.max(tl.abs(x), axis=1) * (1.0 / QUANT_MAX)                  # [H], an IEEE product as in the reference
         scale = tl.where(scale > 0, scale, 1.0)
         tl.store(scale_ptrs, scale, mask=head_mask)
     else:
