@@ -167,6 +167,18 @@ def check_supported(head_dim: int, block_size: int) -> None:
                          f"from {MIN_BLOCK_SIZE} to {MAX_BLOCK_SIZE}")
 
 
+def check_rows_aligned(cache: torch.Tensor, name: str) -> None:
+    """Raises ValueError unless every cache row starts on 16 bytes: the kernel reads rows with 16-byte vector
+    loads. The op checks the same (TORCH_CHECK); checking first gives a Python error however the extension was built."""
+    if cache.data_ptr() % 16:
+        raise ValueError(f"{name} must start on a 16-byte boundary for backend='cuda' (it is a view at an odd "
+                         "offset); use a contiguous copy or backend='triton'")
+    for dim in range(3):
+        if cache.size(dim) > 1 and cache.stride(dim) * cache.element_size() % 16:
+            raise ValueError(f"{name} stride {cache.stride(dim)} of dim {dim} is not a multiple of 16 bytes: "
+                             "backend='cuda' reads aligned rows; use backend='triton'")
+
+
 def head_chunking(group: int):
     """(chunks, group tile) of csrc/kvkernels.h chunk_heads: CTAs per KV head and the kernel's head tile."""
     chunks = -(-group // MAX_GROUP_TILE)
@@ -201,6 +213,8 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, shape, s
     """
     _require_loaded()
     check_supported(shape.head_dim, shape.block_size)
+    check_rows_aligned(k_cache, "k_cache")
+    check_rows_aligned(v_cache, "v_cache")
     if out.numel() == 0:
         return
     # Same static maximum as the Triton backend: from the table's capacity, never from seq_lens (no sync).

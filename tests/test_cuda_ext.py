@@ -151,6 +151,15 @@ def test_without_cuda_backend_cuda_raises_and_auto_still_works():
     torch.testing.assert_close(out.double(), expected, atol=1e-4, rtol=1e-4)
 
 
+def test_misaligned_cache_rows_raise_value_error_before_the_op():
+    pool = torch.zeros(4 * 16 * 2 * 64 + 8, dtype=torch.float16)
+    cuda_ext.check_rows_aligned(pool[:-8].view(4, 16, 2, 64), "k_cache")                 # aligned: passes
+    with pytest.raises(ValueError, match="16-byte boundary"):
+        cuda_ext.check_rows_aligned(pool[1:-7].view(4, 16, 2, 64), "k_cache")
+    with pytest.raises(ValueError, match="stride 60 of dim 2"):
+        cuda_ext.check_rows_aligned(pool[:4 * 16 * 2 * 60].view(4, 16, 2, 60)[..., :56], "v_cache")
+
+
 def test_unsupported_shapes_raise_value_error_naming_them():
     with pytest.raises(ValueError, match="head_dim 48"):
         cuda_ext.check_supported(48, 16)
@@ -302,13 +311,35 @@ def test_bad_inputs_fail_loudly(cuda_backend):
     with pytest.raises(ValueError, match="head_dim 48"):
         kvkernels.paged_decode_attention(q[..., :48].contiguous(), k_cache[..., :48].contiguous(),
                                          v_cache[..., :48].contiguous(), block_tables, seq_lens, backend="cuda")
-    with pytest.raises(RuntimeError, match="head_dim"):  # the op's own TORCH_CHECK, without the Python check
-        run_op(q[..., :48].contiguous(), k_cache[..., :48].contiguous(), v_cache[..., :48].contiguous(),
-               block_tables, seq_lens, max_splits=1)
     misaligned = torch.empty(k_cache.numel() + 1, device="cuda", dtype=k_cache.dtype)[1:].view_as(k_cache)
     misaligned.copy_(k_cache)
-    with pytest.raises(RuntimeError, match="16-byte"):
+    with pytest.raises(ValueError, match="16-byte"):
         kvkernels.paged_decode_attention(q, misaligned, v_cache, block_tables, seq_lens, backend="cuda")
+
+
+RAW_OP_ERRORS = """
+import torch, kvkernels
+from kvkernels import cuda_ext
+assert cuda_ext.load() is not None
+q = torch.randn(1, 2, 48, device="cuda", dtype=torch.float16)
+cache = torch.randn(2, 16, 2, 48, device="cuda", dtype=torch.float16)
+tables, lens = torch.zeros(1, 2, device="cuda", dtype=torch.int32), torch.full((1,), 20, device="cuda", dtype=torch.int32)
+empty = torch.empty(0, device="cuda")
+try:
+    torch.ops.kvkernels.paged_decode_attention(q, cache, cache, tables, lens, 48 ** -0.5, 256, 1, torch.empty_like(q),
+                                               empty, empty.clone())
+except RuntimeError as e:
+    print("RuntimeError:", str(e).splitlines()[0])
+"""
+
+
+@pytest.mark.gpu
+def test_raw_op_checks_raise_instead_of_crashing(cuda_backend):
+    """The op's own TORCH_CHECK (no Python check in front). On the H100 (torch 2.11, nvcc 13.0) this throw took
+    the whole process down (SIGSEGV); a child process reports that as a failure instead of killing the session."""
+    run = subprocess.run([sys.executable, "-c", RAW_OP_ERRORS], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, f"exit {run.returncode} (a negative code is a signal): {run.stderr[-2000:]}"
+    assert "RuntimeError: kvkernels: the CUDA decode kernel supports head_dim" in run.stdout, run.stdout
 
 
 @pytest.mark.gpu
@@ -379,7 +410,9 @@ def test_torch_compile_fullgraph_traces_the_ops(cuda_backend):
 
     def step(q, k_new, v_new, k_cache, v_cache, slots, block_tables, seq_lens):
         cuda_ext.write_kv_cache(k_new, v_new, k_cache, v_cache, slots)
-        return cuda_ext.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, shape, 128 ** -0.5)
+        out = torch.empty_like(q)
+        cuda_ext.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, shape, 128 ** -0.5, out)
+        return out
 
     k_eager, v_eager = k_cache.clone(), v_cache.clone()
     expected = step(q, k_new, v_new, k_eager, v_eager, slots, block_tables, seq_lens)
