@@ -11,6 +11,7 @@ import functools
 import inspect
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
 
@@ -178,6 +179,10 @@ def _batching_config(prompt: Prompt, new_tokens: int):
                                     max_batch_tokens=max(256, batch * prompt_len))
 
 
+# Far past a healthy run: HF's dynamic cache makes 32 x 500 tokens of GPT-2 124M in ~4 s on the H100.
+GENERATE_BATCH_DEADLINE_S = 120.0
+
+
 def _drop_psutil_notice(record) -> bool:
     """HF sizes its CPU cache from psutil's memory figures and logs an ERROR without psutil; the bench gives
     the cache its size explicitly (_batching_config), so the figures are unused and the notice is noise."""
@@ -201,8 +206,23 @@ def hf_generate_batch(model, prompt: Prompt, new_tokens: int):
     def run(prompt: Prompt, new_tokens: int, clock=None, sampling=None):
         config = GenerationConfig(max_new_tokens=new_tokens, pad_token_id=0, **_sampling_kwargs(sampling))
         timed = clock is not None and "record_timestamps" in params
-        results = model.generate_batch(inputs=prompt.ids.tolist(), generation_config=config,
-                                       **({"record_timestamps": True} if timed else {}), **options)
+        # generate_batch waits on its worker thread without a deadline: on the H100 (transformers 5.17, GPT-2
+        # 124M, 500 new tokens) it stalled for minutes. Stopping the manager makes it return what it has.
+        stalled = threading.Event()
+
+        def stop():
+            stalled.set()
+            model.destroy_cached_continuous_batching_manager()
+        watchdog = threading.Timer(GENERATE_BATCH_DEADLINE_S, stop)
+        watchdog.start()
+        try:
+            results = model.generate_batch(inputs=prompt.ids.tolist(), generation_config=config,
+                                           **({"record_timestamps": True} if timed else {}), **options)
+        finally:
+            watchdog.cancel()
+        if stalled.is_set():
+            raise RuntimeError(f"generate_batch stalled: stopped after {GENERATE_BATCH_DEADLINE_S:.0f} s with "
+                               f"{len(results)} of {prompt.ids.shape[0]} requests done")
         outputs = list(results.values())  # generate_batch returns them in input order
         errors = [o.error for o in outputs if getattr(o, "error", None)]
         if len(outputs) != prompt.ids.shape[0] or errors:
