@@ -25,9 +25,10 @@ def main(backends):
         v_cache[block].normal_()
     q = torch.randn(2, heads, dim, dtype=torch.float16, device=device)
     lens = torch.tensor([40, 16], dtype=torch.int32, device=device)
-    expected = reference.paged_decode_attention(q, k_cache, v_cache, tables, lens)
     far_slot = torch.tensor([(num_blocks - 1) * block_size + 13], device=device)
     for backend in backends:
+        # Each backend's write lands in a block that sequence 0 reads, so the next backend's expectation moves.
+        expected = reference.paged_decode_attention(q, k_cache, v_cache, tables, lens)
         out = torch.full_like(q, float("nan"))
         kvkernels.paged_decode_attention(q, k_cache, v_cache, tables, lens, backend=backend, out=out)
         new_k = torch.randn(1, heads, dim, dtype=torch.float16, device=device)

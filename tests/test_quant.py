@@ -8,7 +8,7 @@ import torch
 import kvkernels
 from kvkernels import reference, triton_decode
 from kvkernels._validate import check_decode_inputs
-from conftest import DEVICE, kernel_backends
+from conftest import DEVICE, quant_backends
 from helpers import TOLERANCE, make_problem, nan_output
 
 CACHE_DTYPES = [torch.float8_e4m3fn, torch.int8]
@@ -98,7 +98,7 @@ def test_triton_decode_fp16_long_flat_context_small_values(cache_dtype):
     check_decode(p, *pool)
 
 
-@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("backend", quant_backends())
 @pytest.mark.parametrize("cache_dtype", CACHE_DTYPES, ids=IDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("per_token", [True, False], ids=["per-token", "static"])
@@ -154,7 +154,7 @@ def test_quantize_rounds_to_nearest_even_at_every_exponent(cache_dtype):
     assert torch.equal(pages.view(torch.uint8).cpu().view(64, 256), expected.view(torch.uint8).view(64, 256))
 
 
-@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("backend", quant_backends())
 @pytest.mark.parametrize("cache_dtype", CACHE_DTYPES, ids=IDS)
 def test_write_then_decode_round_trip(backend, cache_dtype):
     """Tokens written step by step into NaN-poisoned pages and scales decode like dense attention over the

@@ -5,7 +5,7 @@ import torch
 
 import kvkernels
 from kvkernels import reference
-from conftest import DEVICE, kernel_backends
+from conftest import DEVICE, quant_backends
 from helpers import make_decoder, make_gpt2, padded_batch
 
 QUANT = ["fp8", "int8"]
@@ -24,7 +24,7 @@ def test_memory_counts_scales_and_the_same_budget_holds_about_twice_the_tokens()
     assert static.memory().bytes_per_token == 2 * 12 * 12 * 64 and static.k_scales[3].shape == (12,)
 
 
-@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("backend", quant_backends())
 @pytest.mark.parametrize("static", [False, True], ids=["per-token", "static"])
 @pytest.mark.parametrize("cache_dtype", QUANT)
 def test_append_and_decode_match_the_quantized_reference(backend, static, cache_dtype):
@@ -80,7 +80,7 @@ def test_generate_quantized_kernels_match_the_reference_path(cache_dtype):
     reference step picks, and the pages really are quantized (the tokens leave the fp32 cache's somewhere)."""
     model = make_gpt2(initializer_range=0.2, device=DEVICE)
     ids, mask = padded_batch(device=DEVICE)
-    backends = kernel_backends()
+    backends = quant_backends()
     outs = {b: kvkernels.generate(model, ids, mask, max_new_tokens=24, cache_dtype=cache_dtype, backend=b)
             for b in backends}
     for b in backends:
