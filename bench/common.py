@@ -74,8 +74,8 @@ def environment(device: torch.device) -> dict:
     else:
         device_name = f"CPU: {_cpu_name()}"
         device_info = {"cpu_count": os.cpu_count()}
-    # A copy of the tree without .git (the GPU machine's) names its commit in KVKERNELS_COMMIT.
-    commit = _git("rev-parse", "HEAD") or os.environ.get("KVKERNELS_COMMIT", "")
+    # A copy of the tree names its commit in KVKERNELS_COMMIT: the GPU machine's copy carried a stale .git.
+    commit = os.environ.get("KVKERNELS_COMMIT") or _git("rev-parse", "HEAD")
     return {
         "device": device_name,
         "device_type": device.type,

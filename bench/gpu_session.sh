@@ -4,6 +4,8 @@
 #   bash bench/gpu_session.sh kernels-fp16 ncu    # the kernel grid (one invocation per shape), ncu on the decode kernels
 #   bash bench/gpu_session.sh step generate-b1 generate-b32 kernels-bf16 seeds   # one decode step profiled, end to end
 # Each stage runs under its own time limit so one slow stage cannot take the others' results with it.
+# Through the device tool: name .whl in `carry` (it is git-ignored) and set KVKERNELS_COMMIT=<the commit sent>
+# (the copy of the tree may carry a stale .git, and the result files record the commit).
 set -uo pipefail
 OUT=${OUT:-/tmp/kvkernels-gpu}
 mkdir -p "$OUT"
@@ -15,7 +17,6 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export TORCH_EXTENSIONS_DIR=/tmp/torch_extensions
-export KVKERNELS_COMMIT=${KVKERNELS_COMMIT:-$(git rev-parse HEAD 2>/dev/null)}
 limit() { local seconds=$1; shift; timeout --signal=INT --kill-after=20 "$seconds" "$@"; }
 
 for stage in "$@"; do
@@ -37,9 +38,9 @@ cuda_ext.unavailable_reason() or '')" 2>&1 | tee "$OUT/build.log" ;;
     kernels-fp16|kernels-bf16)   # one invocation per shape; SIGINT at the limit keeps the points measured
       for shape in gpt2 gqa; do
         limit "${KERNELS_S:-150}" python3 -m bench.kernels --shapes $shape --dtypes ${stage#kernels-} --no-progress \
-          --out "/tmp/results/kernels_${shape}_${stage#kernels-}" 2>&1 | tail -4
+          --out "/tmp/results/$stage/kernels_${shape}" 2>&1 | tail -4
       done
-      tar czf "$OUT/$stage.tgz" -C /tmp/results . ;;
+      tar czf "$OUT/$stage.tgz" -C "/tmp/results/$stage" . ;;
     ncu)
       limit 170 ncu --clock-control none --kernel-name regex:"decode|merge" --csv --page details \
         --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
@@ -47,10 +48,10 @@ cuda_ext.unavailable_reason() or '')" 2>&1 | tee "$OUT/build.log" ;;
       echo "ncu exit $? ($(wc -l < "$OUT/ncu_decode.csv") lines)"; tail -3 "$OUT/ncu.log" ;;
     step)
       limit 100 python3 -m bench.profile step --out "$OUT" 2>&1 | grep -v USDT | tail -12 ;;
-    generate-b1|generate-b32)    # batch 1 first: the batch-32 rows join its table (--append)
+    generate-b1|generate-b32)    # batch 1 first: the batch-32 rows join its table (--append); GENERATE_ARGS: e.g. --modes
       batch=${stage#generate-b}
       limit "${GENERATE_S:-240}" python3 -m bench.generate --models 124M --dtypes fp16 --batches $batch --no-progress \
-        --out /tmp/results/generate $([ "$batch" = 1 ] || echo --append) 2>&1 | tail -14
+        --out /tmp/results/generate $([ "$batch" = 1 ] || echo --append) ${GENERATE_ARGS:-} 2>&1 | tail -14
       tar czf "$OUT/generate.tgz" -C /tmp/results/generate . ;;
     seeds)
       limit "${SEEDS_S:-200}" python3 -m bench.seeds --no-progress --out /tmp/results/seeds 2>&1 | tail -20

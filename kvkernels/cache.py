@@ -93,8 +93,8 @@ class PagedKVCache:
 
     `dtype` is what k, v and q come in as. `cache_dtype` "fp8" / torch.float8_e4m3fn or "int8" / torch.int8
     stores the pages quantized (1 byte per element): each written row of each KV head gets an fp32 scale
-    (absmax / 448 for fp8, / 127 for int8) in k_scales / v_scales, so the same memory holds ~2x the tokens
-    of fp16 at a small accuracy cost (BENCHMARKS.md, "Quantized KV"). `k_scale`, `v_scale` (floats, or fp32
+    (absmax x (1 / 448) for fp8, x (1 / 127) for int8) in k_scales / v_scales, so the same memory holds ~2x the
+    tokens of fp16 at a small accuracy cost (BENCHMARKS.md, "Quantized KV"). `k_scale`, `v_scale` (floats, or fp32
     tensors broadcastable to [num_layers, H_kv]) make the scales static per layer and head instead (vLLM's
     k_scale / v_scale: values past 448 x scale or 127 x scale saturate).
     """

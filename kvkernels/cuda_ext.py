@@ -213,8 +213,9 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, shape, s
     """
     _require_loaded()
     check_supported(shape.head_dim, shape.block_size)
-    check_rows_aligned(k_cache, "k_cache")
-    check_rows_aligned(v_cache, "v_cache")
+    if not torch.compiler.is_compiling():   # data_ptr() cannot be traced; the op's TORCH_CHECK still runs
+        check_rows_aligned(k_cache, "k_cache")
+        check_rows_aligned(v_cache, "v_cache")
     if out.numel() == 0:
         return
     # Same static maximum as the Triton backend: from the table's capacity, never from seq_lens (no sync).

@@ -48,6 +48,12 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def next_power_of_2(n: int) -> int:
+    """triton.next_power_of_2 for host code: triton's is a constexpr function, ~10 µs a call on the host, and the
+    launchers call it several times per layer per decode step."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
 def wave_utilisation(programs: int, slots: int) -> float:
     """Busy fraction of the `ceil(programs / slots)` waves of `slots` resident programs."""
     return programs / (cdiv(programs, slots) * slots)

@@ -24,7 +24,7 @@ import triton.language as tl
 
 from ._validate import check_decode_inputs, is_quantized
 from .triton_write_kv import quant_constexprs, scale_strides
-from .split import MIN_SPLIT_TOKENS, choose_num_splits, ctas_per_sm, num_sms
+from .split import MIN_SPLIT_TOKENS, choose_num_splits, ctas_per_sm, next_power_of_2, num_sms
 
 LOG2_E = 1.4426950408889634
 # CTAs per SM of the split decode kernel on sm_90 by (grouped heads, fp8 / int8 pages): the static model
@@ -286,7 +286,7 @@ def decode_config(shape, dtype: torch.dtype, cache_dtype: torch.dtype = None) ->
     is sized by q's dtype: one fp16 / bf16 head reads twice the tokens (the same 8 KB); grouped heads read
     fp16's tokens (half the bytes: twice the tokens fit 2 CTAs per SM, these 3), and grouped fp32 dots
     pipeline nothing (two stages of converted tiles spill)."""
-    head_dim_pad = max(16, triton.next_power_of_2(shape.head_dim))
+    head_dim_pad = max(16, next_power_of_2(shape.head_dim))
     tile = max(16, min(128, 8192 // (head_dim_pad * dtype.itemsize)))
     if not is_quantized(cache_dtype):
         return DecodeConfig(tile=tile, num_warps=4, num_stages=2)
@@ -306,15 +306,15 @@ def decode_launches(q, k_cache, v_cache, block_tables, seq_lens, shape, scale, o
     starts = seq_starts if has_starts else seq_lens  # a placeholder pointer the kernel never reads
     batch, num_heads, head_dim = shape.batch, shape.num_heads, shape.head_dim
     group = num_heads // shape.num_kv_heads
-    head_dim_pad = max(16, triton.next_power_of_2(head_dim))
-    group_pad = 1 if group == 1 else max(16, triton.next_power_of_2(group))  # tl.dot needs 16 rows
+    head_dim_pad = max(16, next_power_of_2(head_dim))
+    group_pad = 1 if group == 1 else max(16, next_power_of_2(group))  # tl.dot needs 16 rows
     if num_splits > 1:
         partial_out = torch.empty(batch, num_heads, num_splits, head_dim, device=q.device, dtype=torch.float32)
         partial_lse = torch.empty(batch, num_heads, num_splits, device=q.device, dtype=torch.float32)
     else:
         partial_out = partial_lse = out  # unused: the kernel writes `out` directly
     fold_merge = num_splits > 1 and split_counters is not None
-    splits_pad = triton.next_power_of_2(num_splits)
+    splits_pad = next_power_of_2(num_splits)
     launches = [(_paged_decode_kernel, (
         q, k_cache, v_cache, block_tables, seq_lens, starts, out, partial_out, partial_lse,
         split_counters if fold_merge else seq_lens,  # unused without the fold

@@ -1,13 +1,15 @@
 """Triton KV append: copies each new token's K and V rows into its paged slot (one launch per layer step).
 
 fp8 / int8 pages are quantized on the way in (kvkernels.reference.quantize is the same math): per-token
-scales (absmax x (1 / QUANT_MAX) of each KV head's row, rounded as the reference rounds it) are written beside the page, static per-head ones read.
+scales (absmax x (1 / QUANT_MAX) of each KV head's row, rounded as the reference rounds it) are written beside
+the page, static per-head ones read.
 """
 import torch
 import triton
 import triton.language as tl
 
 from ._validate import QUANT_MAX
+from .split import next_power_of_2
 
 
 @triton.jit
@@ -31,7 +33,7 @@ def _quantize_rows(x, scale_ptrs, head_mask, PER_TOKEN_SCALES: tl.constexpr, QUA
                    QUANT_INT: tl.constexpr):
     # x [H, D] fp32 -> values on the page grid [H, D]; per-token scales are stored, static ones loaded.
     if PER_TOKEN_SCALES:
-        scale = tl.max(tl.abs(x), axis=1) * (1.0 / QUANT_MAX)                  # [H], an IEEE product as in the reference
+        scale = tl.max(tl.abs(x), axis=1) * (1.0 / QUANT_MAX)   # [H], an IEEE product, as the reference's
         scale = tl.where(scale > 0, scale, 1.0)
         tl.store(scale_ptrs, scale, mask=head_mask)
     else:
@@ -110,8 +112,8 @@ def write_kv_launch(k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         *scale_strides(k_scale, k_cache), *scale_strides(v_scale, v_cache),
     ), dict(
-        NUM_KV_HEADS=num_kv_heads, HEADS_PAD=triton.next_power_of_2(num_kv_heads),
-        HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim), BLOCK_SIZE=block_size,
+        NUM_KV_HEADS=num_kv_heads, HEADS_PAD=next_power_of_2(num_kv_heads),
+        HEAD_DIM=head_dim, HEAD_DIM_PAD=next_power_of_2(head_dim), BLOCK_SIZE=block_size,
         **quant_constexprs(k_cache, k_scale),
     ), (k.shape[0],)
 

@@ -323,7 +323,8 @@ from kvkernels import cuda_ext
 assert cuda_ext.load() is not None
 q = torch.randn(1, 2, 48, device="cuda", dtype=torch.float16)
 cache = torch.randn(2, 16, 2, 48, device="cuda", dtype=torch.float16)
-tables, lens = torch.zeros(1, 2, device="cuda", dtype=torch.int32), torch.full((1,), 20, device="cuda", dtype=torch.int32)
+tables = torch.zeros(1, 2, device="cuda", dtype=torch.int32)
+lens = torch.full((1,), 20, device="cuda", dtype=torch.int32)
 empty = torch.empty(0, device="cuda")
 try:
     torch.ops.kvkernels.paged_decode_attention(q, cache, cache, tables, lens, 48 ** -0.5, 256, 1, torch.empty_like(q),

@@ -236,6 +236,11 @@ def test_split_count_follows_occupancy():
     assert split.choose_num_splits(16, 12, 4096, 132, 3) < split.choose_num_splits(16, 12, 4096, 132, 7)
 
 
+def test_host_next_power_of_2_is_tritons():
+    import triton
+    assert [kvkernels.split.next_power_of_2(n) for n in range(300)] == [triton.next_power_of_2(n) for n in range(300)]
+
+
 def test_ctas_per_sm_from_registers_shared_memory_and_warps():
     ctas = kvkernels.split.ctas_per_sm
     assert ctas(168, 4096, 4) == 3   # the review's triton 3.6 cubin: registers bind
