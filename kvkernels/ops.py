@@ -59,13 +59,15 @@ def auto_decode_backend(shape, device: torch.device) -> str:
     return "triton"
 
 
-def resolve_backend(backend: str, device: torch.device, shape=None, quantized=False) -> str:
+def resolve_backend(backend: str, device: torch.device, shape=None, quantized=False, windowed=False) -> str:
     """Maps "auto" to the fastest backend for `device` (and the decode `shape`, when given) and checks that an
-    explicit choice can run there. fp8 / int8 pages (`quantized`) run on Triton or the reference only."""
+    explicit choice can run there. fp8 / int8 pages (`quantized`) and window starts (`windowed`) run on Triton or
+    the reference only: the CUDA backend has neither."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    cuda_lacks = "fp8 / int8 page kernels" if quantized else "seq_starts (sliding window)" if windowed else None
     if backend == "auto":
-        if quantized:
+        if cuda_lacks:
             return "triton" if triton_available(device) else "torch"
         if shape is not None:
             return auto_decode_backend(shape, device)
@@ -75,9 +77,9 @@ def resolve_backend(backend: str, device: torch.device, shape=None, quantized=Fa
                            "set before triton is imported to run on the CPU")
     if backend == "cuda":
         from . import cuda_ext
-        if quantized:
-            raise NotImplementedError("backend='cuda' has no fp8 / int8 page kernels yet: use backend='triton' (or "
-                                      "'auto', which picks it for quantized pages)")
+        if cuda_lacks:
+            raise NotImplementedError(f"backend='cuda' has no {cuda_lacks} yet: use backend='triton' (or 'auto', "
+                                      "which picks it here)")
         if device.type != "cuda":
             raise RuntimeError(f"backend='cuda' needs CUDA tensors, got tensors on {device}")
         if cuda_ext.load() is None:
@@ -120,11 +122,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, *, scale
     """
     shape = check_decode_inputs(q, k_cache, v_cache, block_tables, seq_lens, seq_starts=seq_starts)
     check_kv_scales(k_cache, v_cache, k_scale, v_scale)
-    if seq_starts is not None and backend == "auto":
-        backend = "triton" if triton_available(q.device) else "torch"
-    if seq_starts is not None and backend == "cuda":
-        raise ValueError("the CUDA backend has no seq_starts (sliding window): use backend='triton' or 'torch'")
-    backend = resolve_backend(backend, q.device, shape, is_quantized(k_cache.dtype))
+    backend = resolve_backend(backend, q.device, shape, is_quantized(k_cache.dtype), seq_starts is not None)
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1:
