@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ._validate import is_quantized, resolve_cache_dtype
+from .gpt2_common import check_positive_int
 from .ops import paged_decode_attention, resolve_backend, write_kv_cache
 
 
@@ -120,7 +121,7 @@ class PagedKVCache:
         self.quantized = is_quantized(self.cache_dtype)
         if self.quantized and backend == "cuda":   # refused now rather than at the first append
             resolve_backend(backend, self.device, quantized=True)
-        static = _static_scales(k_scale, v_scale, self.quantized, num_layers, num_kv_heads, self.device)
+        static = static_scales(k_scale, v_scale, self.quantized, num_layers, num_kv_heads, self.device)
         scale_bytes = 0 if static or not self.quantized else 4                   # fp32 per token and KV head
         element = self.cache_dtype.itemsize
         self.bytes_per_token = 2 * num_layers * num_kv_heads * (head_dim * element + scale_bytes)
@@ -209,6 +210,28 @@ class PagedKVCache:
         self._sync_rows(seqs)
         return torch.tensor(slots, dtype=torch.int64).to(self.device, non_blocking=True)
 
+    def reserve_ring(self, seqs, num_tokens, ring_blocks: int) -> None:
+        """Sliding-window sequences: empty sequence slot seqs[i] gets `ring_blocks` blocks, reused in turn for all its
+        num_tokens[i] positions (table column c holds block c mod ring_blocks). Position p and p + ring_blocks x
+        block_size share a slot, so a sequence holds its last ring_blocks x block_size tokens: a kernel reading
+        from a window start at most that far back reads only the tokens written last (kvkernels.generate). The
+        tables are complete up front, as `reserve` leaves them."""
+        seqs, counts = list(seqs), list(num_tokens)
+        self._check_slots(seqs, "seqs")
+        if len(set(seqs)) != len(seqs) or len(seqs) != len(counts) or any(self._lens[s] for s in seqs):
+            raise ValueError("reserve_ring takes distinct, empty sequence slots, one token count each")
+        check_positive_int("ring_blocks", ring_blocks)
+        columns = [-(-n // self.block_size) for n in counts]
+        if max(columns, default=0) > self.max_blocks_per_seq:
+            raise ValueError(f"a sequence of {max(counts)} tokens needs more than the block table's "
+                             f"{self.max_blocks_per_seq} columns")
+        blocks = self.allocator.allocate(sum(min(ring_blocks, c) for c in columns))
+        for seq, n, c in zip(seqs, counts, columns):
+            ring, blocks = blocks[:min(ring_blocks, c)], blocks[min(ring_blocks, c):]
+            self._tables[seq] = [ring[column % ring_blocks] for column in range(c)]
+            self._lens[seq] = n
+        self._sync_rows(seqs)
+
     def free(self, seqs) -> None:
         """Returns the blocks of these sequence slots to the pool and empties them."""
         seqs = list(seqs)
@@ -216,7 +239,7 @@ class PagedKVCache:
         if len(set(seqs)) != len(seqs):
             raise ValueError(f"seqs: each sequence slot may be freed once, got {seqs}")
         for seq in seqs:
-            self.allocator.free(self._tables[seq])
+            self.allocator.free(list(dict.fromkeys(self._tables[seq])))   # a ring lists its blocks repeatedly
             self._tables[seq] = []
             self._lens[seq] = 0
         self._sync_rows(seqs)
@@ -229,7 +252,8 @@ class PagedKVCache:
                 raise ValueError(f"cannot truncate sequence {seq} of {self._lens[seq]} tokens to {n}")
         for seq, n in zip(seqs, lens):
             keep = -(-n // self.block_size)
-            self.allocator.free(self._tables[seq][keep:])
+            kept = set(self._tables[seq][:keep])
+            self.allocator.free([b for b in dict.fromkeys(self._tables[seq][keep:]) if b not in kept])
             del self._tables[seq][keep:]
             self._lens[seq] = n
         self._sync_rows(seqs)
@@ -304,7 +328,7 @@ def _page_dtype(cache_dtype, dtype):
     return page_dtype
 
 
-def _static_scales(k_scale, v_scale, quantized, num_layers, num_kv_heads, device):
+def static_scales(k_scale, v_scale, quantized, num_layers, num_kv_heads, device):
     """User-given static scales -> ([fp32 [H_kv]] * num_layers for K, same for V), or None when not given."""
     if k_scale is None and v_scale is None:
         return None

@@ -30,7 +30,7 @@ from transformers.activations import NewGELUActivation
 
 from ._validate import is_quantized, resolve_cache_dtype
 from .cache import PagedKVCache
-from .hf.cache import attention_shape
+from .hf.cache import attention_shape, shared_window
 from .gpt2_common import attention_scale, blocks_for, check_positive_int, gpt2_parts
 from .ops import BACKENDS, paged_decode_attention, resolve_backend, triton_available
 from .sampling import SamplingParams, generation_settings, hf_penalises_left_padding, process_logits, select_tokens
@@ -68,6 +68,7 @@ class _Session:
     pool: PagedKVCache
     runner: "_Runner"
     state: _DecodeState
+    ring_blocks: int = None     # pages per sequence when every layer is windowed (PagedKVCache.reserve_ring)
     replay: object = None       # the captured decode step, once captured
 
 
@@ -307,20 +308,26 @@ def _check_inputs(model, input_ids, attention_mask, max_new_tokens):
 
 
 def _session(model, base, lm_head, params, lengths, max_new_tokens, eos, pad, backend, block_size,
-             cache_dtype) -> _Session:
+             cache_dtype, scales) -> _Session:
     """The model's kept session if this call fits it, else a new one (replacing the old, freed first)."""
     batch, device, dtype = len(lengths), lm_head.weight.device, lm_head.weight.dtype
     blocks_per_seq = blocks_for(max(lengths) + max_new_tokens, block_size)
     key = (batch, blocks_per_seq, block_size, max_new_tokens, params, tuple(eos), pad, backend, device, dtype,
-           cache_dtype, tuple(p.data_ptr() for p in model.parameters()))
+           cache_dtype, tuple(None if s is None else tuple(torch.as_tensor(s, dtype=torch.float32).flatten().tolist())
+                              for s in scales), tuple(p.data_ptr() for p in model.parameters()))
     session = model.__dict__.get(_SESSION)
     if session is not None and session.key == key:
         return session
     release(model)
     shape = attention_shape(base.config)
+    window = None if _is_gpt2(model) else shared_window(base.config)
+    # Every layer windowed: each sequence keeps a ring of the pages its window spans, not its whole context.
+    ring_blocks = None if window is None else min(blocks_for(window, block_size), blocks_per_seq)
     pool = PagedKVCache(shape.num_layers, shape.num_kv_heads, shape.head_dim, max_batch_size=batch,
-                        num_blocks=batch * blocks_per_seq, block_size=block_size, max_blocks_per_seq=blocks_per_seq,
-                        dtype=dtype, device=device, backend=backend, cache_dtype=cache_dtype)
+                        num_blocks=batch * (ring_blocks or blocks_per_seq), block_size=block_size,
+                        max_blocks_per_seq=blocks_per_seq,
+                        dtype=dtype, device=device, backend=backend, cache_dtype=cache_dtype, k_scale=scales[0],
+                        v_scale=scales[1])
     state = _DecodeState(
         tokens=torch.zeros(batch, dtype=torch.long, device=device),
         lengths=torch.zeros(batch, dtype=torch.int32, device=device),
@@ -334,8 +341,9 @@ def _session(model, base, lm_head, params, lengths, max_new_tokens, eos, pad, ba
         runner = _Runner(base, lm_head, pool, batch, params)
     else:
         from .hf.runner import DecoderRunner
-        runner = DecoderRunner(model, pool, batch, functools.partial(_select, _step_ops(pool.backend, device), params))
-    session = _Session(key, pool, runner, state)
+        runner = DecoderRunner(model, pool, batch, functools.partial(_select, _step_ops(pool.backend, device), params),
+                               ring_window=window if ring_blocks else None, ring_blocks=ring_blocks)
+    session = _Session(key, pool, runner, state, ring_blocks)
     model.__dict__[_SESSION] = session
     return session
 
@@ -360,7 +368,7 @@ def _reset_state(state: _DecodeState, input_ids, real, lengths):
 @torch.no_grad()
 def generate(model, input_ids, attention_mask=None, *, max_new_tokens=None, do_sample=None, temperature=None,
              top_k=None, top_p=None, repetition_penalty=None, eos_token_id=None, pad_token_id=None, cuda_graph=True,
-             streamer=None, backend="auto", block_size=16, cache_dtype=None):
+             streamer=None, backend="auto", block_size=16, cache_dtype=None, k_scale=None, v_scale=None):
     """Generates up to `max_new_tokens` tokens per prompt with a Hugging Face decoder.
 
     Args:
@@ -387,6 +395,9 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens=None, do_s
             torch.int8: quantized pages with per-token scales, ~2x the tokens per byte of fp16 and about half
             the bytes each decode step reads, at an accuracy cost (BENCHMARKS.md, "Quantized KV"); Triton or
             the PyTorch reference only.
+        k_scale, v_scale: with fp8 / int8 pages, static scales instead of per-token ones (vLLM's k_scale /
+            v_scale): fp32, broadcastable to [num_layers, H_kv]; a value past +-448 x scale (fp8) or +-127 x scale
+            (int8) saturates. None: per (token, KV head) scales from each written row's absmax.
 
     Returns:
         int64 [B, P + n]: prompts then generated tokens, n <= max_new_tokens (fewer when every sequence
@@ -413,10 +424,15 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens=None, do_s
     device = input_ids.device
     cache_dtype = resolve_cache_dtype(cache_dtype)
     session = _session(model, base, lm_head, params, lengths, max_new_tokens, eos, pad_token_id,
-                       resolve_backend(backend, device, quantized=is_quantized(cache_dtype)), block_size, cache_dtype)
+                       resolve_backend(backend, device, quantized=is_quantized(cache_dtype)), block_size, cache_dtype,
+                       (k_scale, v_scale))
     pool, runner, state = session.pool, session.runner, session.state
     pool.reset()
-    pool.reserve(range(len(lengths)), [n + max_new_tokens for n in lengths])   # every block table filled up front
+    totals = [n + max_new_tokens for n in lengths]                 # every block table filled up front
+    if session.ring_blocks:
+        pool.reserve_ring(range(len(lengths)), totals, session.ring_blocks)
+    else:
+        pool.reserve(range(len(lengths)), totals)
     _reset_state(state, input_ids, real, lengths)
     if streamer is not None:
         streamer.put(input_ids.cpu())

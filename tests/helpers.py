@@ -133,8 +133,8 @@ DECODERS = {
 }
 
 
-def make_decoder(family, seed=0, device="cpu", sharpen=8.0, **overrides):
-    """Tiny random `family` decoder (a key of DECODERS) with eager attention, its LM head (unless tied to the
+def make_decoder(family, seed=0, device="cpu", sharpen=8.0, attn_implementation="eager", **overrides):
+    """Tiny random `family` decoder (a key of DECODERS) with `attn_implementation` attention, its LM head (unless tied to the
     embeddings: GPT-2 spreads its logits by initializer_range) scaled by `sharpen` so that greedy is far from ties."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -145,7 +145,8 @@ def make_decoder(family, seed=0, device="cpu", sharpen=8.0, **overrides):
         config.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, max_position_embeddings=256)
     config.update(DECODERS[family], **overrides)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **config), attn_implementation="eager")
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **config),
+                                             attn_implementation=attn_implementation)
     if model.lm_head.weight is not model.get_input_embeddings().weight:
         with torch.no_grad():
             model.lm_head.weight.mul_(sharpen)

@@ -181,3 +181,23 @@ def test_misuse_is_refused_at_the_call_that_is_wrong():
 def test_a_dtype_the_kernels_cannot_compute_in_is_refused_at_construction(dtype):
     with pytest.raises(TypeError, match="dtype must be one of torch.float16, torch.bfloat16, torch.float32"):
         PagedKVCache(1, 1, 32, max_batch_size=1, num_blocks=1, dtype=dtype)
+
+
+def test_reserve_ring_reuses_its_blocks_and_frees_each_once():
+    cache = PagedKVCache(1, 2, 16, max_batch_size=3, num_blocks=8, block_size=4, max_blocks_per_seq=6)
+    cache.reserve_ring([0, 2], [23, 5], ring_blocks=3)
+    ring = cache.block_tables[0, :3].tolist()
+    assert len(set(ring)) == 3 and cache.block_tables[0].tolist() == ring * 2
+    assert cache.block_tables[2, :2].unique().numel() == 2 and cache.seq_lens.tolist() == [23, 0, 5]
+    assert cache.allocator.num_free == 8 - 5
+    cache.truncate([0], [9])                  # columns 0..2 stay, and they hold every block of the ring
+    assert cache.allocator.num_free == 3 and cache.block_tables[0, :3].tolist() == ring
+    cache.truncate([0], [4])
+    assert cache.allocator.num_free == 5
+    cache.reset()
+    assert cache.allocator.num_free == 8
+    with pytest.raises(ValueError, match="more than the block table"):
+        cache.reserve_ring([0], [25], ring_blocks=2)
+    cache.reserve([1], [3])
+    with pytest.raises(ValueError, match="empty sequence slots"):
+        cache.reserve_ring([1], [8], ring_blocks=2)

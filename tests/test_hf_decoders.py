@@ -221,3 +221,74 @@ def test_kvkernels_generate_matches_hf(family):
     expected = model.generate(ids, attention_mask=mask, **penalised)
     got = kvkernels.generate(model, ids, mask, backend="torch", **penalised)
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "gpt2"])
+def test_attn_implementation_kvkernels_at_load_time(family, monkeypatch):
+    """from_config(..., attn_implementation="kvkernels") without patch: a plain forward is HF's SDPA (exact, and the
+    model stays unpatched); generate then patches it and runs every step on the paged pool, identical to eager."""
+    eager = make_decoder(family)
+    model = make_decoder(family, attn_implementation="kvkernels")
+    sdpa = make_decoder(family, attn_implementation="sdpa")
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        forward = model(ids, attention_mask=mask).logits
+        expected_forward = sdpa(ids, attention_mask=mask).logits
+    real = mask.bool()
+    torch.testing.assert_close(forward[real], expected_forward[real], atol=1e-5, rtol=1e-5)
+    assert not kvkernels.is_patched(model)
+
+    kwargs = dict(attention_mask=mask, max_new_tokens=20, min_new_tokens=20, do_sample=False)
+    expected = eager.generate(ids, **kwargs)
+    recorder = Recorder(monkeypatch)
+    got = model.generate(ids, **kwargs)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert kvkernels.is_patched(model) and recorder.windows == expected_windows(family) * 20
+    assert model.config._attn_implementation == "kvkernels"                  # restored after every patched forward
+    kvkernels.unpatch(model)
+    model.set_attn_implementation("sdpa")                                    # the way out: generate stays HF's
+    torch.testing.assert_close(model.generate(ids, **kwargs), expected, rtol=0, atol=0)
+    assert not kvkernels.is_patched(model) and recorder.windows == expected_windows(family) * 20
+
+
+def test_models_loaded_otherwise_are_untouched_by_the_load_time_hook():
+    model = make_decoder("qwen3")
+    ids, mask = padded_batch()
+    model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
+    assert not kvkernels.is_patched(model)
+
+
+@pytest.mark.parametrize("block_size", [2, 4])
+def test_windowed_generate_keeps_only_the_window_pages(block_size):
+    """Mistral windows every layer (6 tokens): kvkernels.generate keeps a ring of the pages the window spans per
+    sequence, reused as the context grows past it, and stays identical to HF over 64 tokens."""
+    model = make_decoder("mistral")
+    ids, mask = padded_batch()
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=64, min_new_tokens=64, do_sample=False)
+    for backend in kernel_backends():
+        got = kvkernels.generate(model, ids, mask, max_new_tokens=64, do_sample=False, backend=backend,
+                                 block_size=block_size)
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+        pool = model.__dict__["_kvkernels_generate_session"].pool
+        ring = -(-helpers.DECODERS["mistral"]["sliding_window"] // block_size)
+        assert pool.num_blocks == 3 * ring < 3 * -(-(11 + 64) // block_size)
+        assert pool.block_tables[0, ring].item() == pool.block_tables[0, 0].item()
+
+
+def test_shared_window_reads_the_config_as_transformers_does():
+    from kvkernels.hf.cache import shared_window
+    assert shared_window(make_decoder("mistral").config) == 6
+    assert shared_window(make_decoder("qwen2").config) is None                       # layer 0 is full attention
+    assert shared_window(make_decoder("qwen2", max_window_layers=0).config) == 6
+    assert shared_window(make_decoder("phi3", sliding_window=5).config) == 5
+    assert shared_window(make_decoder("llama").config) is None
+    generated = kvkernels.generate(make_decoder("qwen2"), *padded_batch(), max_new_tokens=4, do_sample=False)
+    assert generated.shape[1] == 11 + 4
+
+
+def test_a_layer_asking_beyond_the_ring_fails_instead_of_reading_overwritten_pages(monkeypatch):
+    import kvkernels.generation
+    monkeypatch.setattr(kvkernels.generation, "shared_window", lambda config: 2)    # the model's layers ask for 6
+    with pytest.raises(RuntimeError, match="attends 6 tokens but the pool keeps rings for a window of 2"):
+        kvkernels.generate(make_decoder("mistral"), *padded_batch(), max_new_tokens=4, do_sample=False,
+                           block_size=2)

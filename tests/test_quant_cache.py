@@ -130,3 +130,49 @@ def test_patched_pool_growth_keeps_pages_and_scales(cache_dtype):
     assert cache.pool.num_blocks > 2, "the pool never grew"
     assert fixed_cache.pool.num_blocks == 16
     torch.testing.assert_close(grown, fixed, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_static_scales_in_patch_and_generate(family):
+    """k_scale / v_scale reach the pool of patch and of kvkernels.generate as static [H_kv] scales: the two paths
+    agree on greedy tokens; scales that fit the values keep the logits near the exact ones, scales far too small
+    saturate every value and move them far (the scales are used, not ignored)."""
+    model = make_gpt2(initializer_range=0.2, device=DEVICE) if family == "gpt2" else make_decoder(family, device=DEVICE)
+    ids, mask = padded_batch(device=DEVICE)
+    num_layers = model.config.num_hidden_layers
+    kv_heads = getattr(model.config, "num_key_value_heads", None) or model.config.num_attention_heads
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, use_cache=True)
+        exact = out.logits[:, -1]
+    # Calibrated as vLLM's are: each (layer, KV head)'s absmax over a run, / 127
+    fitting = [torch.stack([layer.keys.abs().amax(dim=(0, 2, 3)) / 127 for layer in out.past_key_values.layers]),
+               torch.stack([layer.values.abs().amax(dim=(0, 2, 3)) / 127 for layer in out.past_key_values.layers])]
+    assert fitting[0].shape == (num_layers, kv_heads)
+    with torch.no_grad():
+
+        def patched_run(scales):
+            with kvkernels.patched(model, cache_dtype="int8", k_scale=scales[0], v_scale=scales[1]):
+                tokens = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
+                cache = model(ids, attention_mask=mask)
+                return tokens, cache.logits[:, -1], cache.past_key_values
+        tokens, logits, cache = patched_run(fitting)
+        saturated = patched_run([1e-4, 1e-4])[1]
+    assert tuple(cache.pool.k_scales[0].shape) == (kv_heads,)
+    ours = kvkernels.generate(model, ids, mask, max_new_tokens=12, cache_dtype="int8", k_scale=fitting[0],
+                              v_scale=fitting[1])
+    assert torch.equal(ours, tokens)
+    assert tuple(model.__dict__["_kvkernels_generate_session"].pool.v_scales[1].shape) == (kv_heads,)
+    near = float((logits - exact).norm() / exact.norm())
+    far = float((saturated - exact).norm() / exact.norm())
+    assert 1e-6 < near < 0.05 and far > 5 * near, (near, far)
+
+
+def test_static_scales_are_checked_when_patching():
+    model = make_decoder("llama", device=DEVICE)
+    with pytest.raises(ValueError, match="go with cache_dtype"):
+        kvkernels.patch(model, k_scale=0.1, v_scale=0.1)
+    with pytest.raises(ValueError, match="broadcast to"):
+        kvkernels.patch(model, cache_dtype="fp8", k_scale=torch.ones(3), v_scale=torch.ones(3))
+    with pytest.raises(ValueError, match="both k_scale and v_scale"):
+        kvkernels.patch(model, cache_dtype="fp8", k_scale=0.1)
+    assert not kvkernels.is_patched(model)

@@ -15,7 +15,7 @@ SNIPPETS = re.findall(r"```python\n(.*?)\n```", README, re.S)
 # What each snippet must print: a check it makes on real output, not just that it ran.
 EXPECTED = [r"Triton on (cpu|cuda): max \|out - reference\| = ([\d.e+-]+)",
             r"patched model\.generate == HF: True\nkvkernels\.generate sampled: '.+'",
-            r"patched Llama generate == HF: True\nkvkernels\.generate == HF: True",
+            r"patched Llama generate == HF: True\nkvkernels\.generate == HF: True\nattn_implementation=.kvkernels. == HF: True True",
             r"paged decode == dense attention: True\n\d+/\d+ blocks in use",
             r"int8 cache: \d+% of greedy tokens as with the model-dtype cache\nfp8 pages hold 1\.[89]\dx the tokens"]
 

@@ -1,18 +1,27 @@
-"""The "kvkernels" attention function in transformers' attention registry, and the cache it serves.
+"""kvkernels' two entries in transformers' attention registry.
 
 Every decoder whose attention modules call `ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, ...)`
-after `cache.update(...)` (GPT-2, Llama, Mistral, Qwen2, Qwen3, Phi3 and most of transformers' decoders) reaches
-`paged_attention` while `config._attn_implementation == "kvkernels"`. kvkernels.patch switches a model's configs to
-"kvkernels" for the duration of each forward it serves on a PagedCache and names that cache in `active_cache`; no
-mask function is registered, so transformers hands the attention function the 2D padding mask (as for vLLM's and
-TGI's backends) and the cache applies causal, padding and sliding-window masking itself.
+after `cache.update(...)` (GPT-2, Llama, Mistral, Qwen2, Qwen3, Phi3 and most of transformers' decoders) reaches the
+function registered under its config's implementation name:
+    * "kvkernels_paged" -> `paged_attention`, the paged cache's attention. kvkernels.patch (and kvkernels.generate)
+      switch a model's configs to it for the duration of each forward they serve and name the cache in
+      `active_cache`. No mask function is registered under this name, so transformers builds no mask (as for vLLM's
+      and TGI's backends); the cache applies causal, padding and sliding-window masking itself.
+    * "kvkernels" -> `load_time_attention`, what `from_pretrained(..., attn_implementation="kvkernels")` selects.
+      transformers gives an attention function no say in which cache `generate` creates, so the model is patched on
+      its first `generate` (kvkernels.hf.patch installs that hook). A forward kvkernels does not serve (one before
+      that generate, or one patch hands back to HF: training, gradients, ...) runs HF's SDPA with SDPA's mask,
+      exactly as `attn_implementation="sdpa"` would.
 """
 import contextlib
 import contextvars
 
 from transformers import AttentionInterface, PretrainedConfig
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-NAME = "kvkernels"
+NAME = "kvkernels"                # the public name, for attn_implementation at load time
+PAGED_NAME = "kvkernels_paged"    # the name patched forwards run under
 _ACTIVE = contextvars.ContextVar("kvkernels_active_cache", default=None)
 # Arguments some attention modules pass that change the math in ways the paged kernels do not implement.
 _UNSUPPORTED = {"softcap": "attention logit soft-capping", "s_aux": "attention sinks",
@@ -32,7 +41,7 @@ def active_cache(cache, configs):
     originals = {id(config): config._attn_implementation_internal for config in configs}
     token = _ACTIVE.set((cache, originals))
     for config in configs:
-        config._attn_implementation_internal = NAME
+        config._attn_implementation_internal = PAGED_NAME
     try:
         yield
     finally:
@@ -59,8 +68,9 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     """
     active = _ACTIVE.get()
     if active is None:
-        raise RuntimeError("attn_implementation='kvkernels' runs only inside a forward that kvkernels.patch(model) "
-                           "serves on its paged cache: call kvkernels.patch(model)")
+        raise RuntimeError(f"attn_implementation={PAGED_NAME!r} runs only inside a forward that kvkernels.patch(model) "
+                           f"serves on its paged cache: load the model with attn_implementation={NAME!r} or call "
+                           "kvkernels.patch(model)")
     cache, originals = active
     for name, what in _UNSUPPORTED.items():
         if kwargs.get(name) is not None:
@@ -79,4 +89,12 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     return out, None
 
 
-AttentionInterface.register(NAME, paged_attention)
+def load_time_attention(module, query, key, value, attention_mask, **kwargs):
+    """attn_implementation="kvkernels" outside a forward kvkernels serves: HF's SDPA, with the mask transformers built
+    for it (SDPA's, registered under the same name). Same contract as transformers' sdpa_attention_forward."""
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+AttentionInterface.register(PAGED_NAME, paged_attention)
+AttentionInterface.register(NAME, load_time_attention)
+AttentionMaskInterface.register(NAME, sdpa_mask)

@@ -61,6 +61,18 @@ def attention_shape(config) -> AttentionShape:
     return AttentionShape(text.num_hidden_layers, heads, kv_heads, head_dim, text.max_position_embeddings, name)
 
 
+def shared_window(config):
+    """The sliding window (in tokens) every attention layer of the decoder attends within, or None when some layer
+    sees the whole context. Read as transformers' caches read it: `layer_types` where the config lists them, else
+    one `sliding_window` for all layers (Mistral, Phi3)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    window = getattr(text, "sliding_window", None)
+    layer_types = getattr(text, "layer_types", None)
+    if window is None or (layer_types is not None and any(t != "sliding_attention" for t in layer_types)):
+        return None
+    return int(window)
+
+
 class _PagedLayer(CacheLayerMixin):
     """Per-layer view HF's Cache machinery expects; every answer comes from the owning PagedCache."""
 
@@ -137,7 +149,7 @@ class PagedCache(Cache):
     """
 
     def __init__(self, config, *, num_seqs=None, planned_tokens=None, max_tokens=None, block_size=16,
-                 backend="auto", cache_dtype=None, position_limit=None):
+                 backend="auto", cache_dtype=None, position_limit=None, k_scale=None, v_scale=None):
         shape = attention_shape(config)
         super().__init__(layers=[_PagedLayer(self, i) for i in range(shape.num_layers)])
         self.num_layers, self.num_heads, self.num_kv_heads = shape.num_layers, shape.num_heads, shape.num_kv_heads
@@ -148,6 +160,7 @@ class PagedCache(Cache):
         self.eager_padding_rows = getattr(config, "_attn_implementation", None) == "eager"
         self.num_seqs, self.planned_tokens, self.max_tokens = num_seqs, planned_tokens, max_tokens
         self.block_size, self.backend, self.cache_dtype = block_size, backend, cache_dtype
+        self.k_scale, self.v_scale = k_scale, v_scale     # static per (layer, KV head) scales, or None: per token
         self.pool = None
         self.seen_tokens = 0
         self.columns = None      # bool [num_seqs, seen_tokens] on the host: the columns each sequence stored
@@ -248,7 +261,8 @@ class PagedCache(Cache):
                             max_blocks_per_seq=blocks_for(self.position_limit or num_blocks * self.block_size,
                                                           self.block_size),
                             dtype=dtype if quantized else self.cache_dtype or dtype, device=device,
-                            backend=self.backend, cache_dtype=self.cache_dtype if quantized else None)
+                            backend=self.backend, cache_dtype=self.cache_dtype if quantized else None,
+                            k_scale=self.k_scale, v_scale=self.v_scale)
 
     def _allocate(self, num_seqs, num_tokens_first_step, dtype, device):
         self.backend = resolve_backend(self.backend, device, quantized=is_quantized(self.cache_dtype))

@@ -14,6 +14,9 @@ them again), each keeping the original method's `inspect.signature` (HF's tests 
       batch x (num_beams or num_return_sequences) x (prompt + max_new_tokens), after HF has settled every
       length, for greedy, sampling, beams and assisted decoding (the cache crops); other modes and explicit
       caches keep HF's.
+A model loaded with `attn_implementation="kvkernels"` is patched with the default options on its first `generate`:
+the one hook on a transformers class (GenerationMixin._prepare_cache_for_generation, installed on import), a no-op for
+every model whose config names another attention implementation.
 transformers renamed the `past_key_values` argument to `cache` after 5.17; both are accepted.
 """
 import contextlib
@@ -24,11 +27,13 @@ import warnings
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache, PreTrainedModel
+from transformers import DynamicCache, GenerationMixin, PreTrainedModel
 
+from .._validate import is_quantized
+from ..cache import static_scales
 from ..gpt2_common import blocks_for, check_cache_dtype, check_positive_int
 from ..ops import BACKENDS
-from .attention import active_cache, model_configs
+from .attention import NAME, active_cache, model_configs
 from .cache import PagedCache, attention_shape
 
 _STATE = "_kvkernels_patch"
@@ -43,6 +48,8 @@ class PatchOptions:
     block_size: int = 16
     max_tokens: int = None
     cache_dtype: torch.dtype = None
+    k_scale: object = None
+    v_scale: object = None
 
 
 @dataclass
@@ -71,7 +78,8 @@ class _PatchState:
     def new_cache(self, base, **sizes):
         o = self.options
         return PagedCache(base.config, max_tokens=o.max_tokens, block_size=o.block_size, backend=o.backend,
-                          cache_dtype=o.cache_dtype, position_limit=position_limit(base), **sizes)
+                          cache_dtype=o.cache_dtype, position_limit=position_limit(base), k_scale=o.k_scale,
+                          v_scale=o.v_scale, **sizes)
 
 
 def position_limit(base):
@@ -104,7 +112,7 @@ def decoder_parts(model):
     return base, (model if model is not base else None)
 
 
-def patch(model, *, backend="auto", block_size=16, max_tokens=None, cache_dtype=None):
+def patch(model, *, backend="auto", block_size=16, max_tokens=None, cache_dtype=None, k_scale=None, v_scale=None):
     """Serves `model`'s KV cache from a kvkernels paged pool; returns `model` (patched in place).
 
     Args:
@@ -118,6 +126,9 @@ def patch(model, *, backend="auto", block_size=16, max_tokens=None, cache_dtype=
         cache_dtype: dtype of the pages; None keeps the model's dtype (exact against HF). "fp8" /
             torch.float8_e4m3fn or "int8" / torch.int8 store quantized pages with per-token scales: ~2x the
             tokens per byte, no longer exact (BENCHMARKS.md, "Quantized KV"); Triton or the reference only.
+        k_scale, v_scale: with fp8 / int8 pages, static scales instead of per-token ones (vLLM's k_scale /
+            v_scale): fp32, broadcastable to [num_layers, H_kv]; values past +-448 x scale (fp8) or +-127 x scale
+            (int8) saturate. None: per (token, KV head) scales from each written row's absmax.
 
     Patching twice only updates the options. `unpatch` restores the original methods exactly.
     """
@@ -126,7 +137,10 @@ def patch(model, *, backend="auto", block_size=16, max_tokens=None, cache_dtype=
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     check_positive_int("block_size", block_size)
     check_positive_int("max_tokens", max_tokens, allow_none=True)
-    options = PatchOptions(backend, block_size, max_tokens, check_cache_dtype(cache_dtype))
+    cache_dtype = check_cache_dtype(cache_dtype)
+    shape = attention_shape(base.config)
+    static_scales(k_scale, v_scale, is_quantized(cache_dtype), shape.num_layers, shape.num_kv_heads, "cpu")  # checks
+    options = PatchOptions(backend, block_size, max_tokens, cache_dtype, k_scale, v_scale)
     state = base.__dict__.get(_STATE)
     if state is not None:
         state.options = options
@@ -192,7 +206,7 @@ def _parameters(function):
 
 def _named_arguments(function, args, kwargs):
     """Every argument of a call to `function` (a forward, called with `args` after self) by name, and the cache
-    under the name `function` gives it (the other, deprecated name folded in). Returns (arguments, cache name).
+    under the name `function` gives it (an older name folded in). Returns (arguments, cache name).
     Cheaper than inspect's bind: the attention hook runs per layer per step."""
     names, cache_name = _parameters(function)
     if len(args) > len(names):
@@ -202,8 +216,10 @@ def _named_arguments(function, args, kwargs):
         if name in arguments:
             raise TypeError(f"{function.__qualname__} got multiple values for argument {name!r}")
         arguments[name] = value
-    for alias in _CACHE_ARGS:
-        if alias != cache_name and alias in arguments:
+    # Only an older name is an alias: on 5.17 a `cache` keyword is continuous batching's own PagedAttentionCache,
+    # which HF hands through **kwargs to the attention functions.
+    for alias in _CACHE_ARGS[_CACHE_ARGS.index(cache_name) + 1:]:
+        if alias in arguments:
             value = arguments.pop(alias)
             if arguments.get(cache_name) is None:
                 arguments[cache_name] = value
@@ -325,3 +341,24 @@ def _prepare_cache_for_generation(self, generation_config, model_kwargs, generat
     num_seqs = batch_size * max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1)
     planned = num_seqs * blocks_for(longest, state.options.block_size) * state.options.block_size
     model_kwargs[cache_name] = state.new_cache(base, num_seqs=num_seqs, planned_tokens=planned)
+
+
+def _install_load_time_hook():
+    """Wraps GenerationMixin._prepare_cache_for_generation (once): a model whose config asks for
+    attn_implementation="kvkernels" and is not patched yet is patched with the default options, then prepared by the
+    patched method; any other model gets HF's method, untouched."""
+    original = GenerationMixin._prepare_cache_for_generation
+    if getattr(original, "_kvkernels_hook", False):
+        return
+
+    @functools.wraps(original)
+    def prepare_cache(self, *args, **kwargs):
+        if getattr(self.config, "_attn_implementation", None) == NAME and not is_patched(self):
+            patch(self)
+            return self._prepare_cache_for_generation(*args, **kwargs)
+        return original(self, *args, **kwargs)
+    prepare_cache._kvkernels_hook = True
+    GenerationMixin._prepare_cache_for_generation = prepare_cache
+
+
+_install_load_time_hook()

@@ -22,10 +22,14 @@ class DecoderRunner:
 
     model: the head model (eval mode). pool: PagedKVCache whose first `batch` sequences were reserved for their
     prompt plus max_new_tokens. select: the loop's token choice, select(logits float32 [B, V], state, grow).
+    ring_window, ring_blocks: every layer's window and the pages per sequence when the pool keeps rings of pages
+    (PagedKVCache.reserve_ring), else None: the prompt then stores only the tokens its ring holds, and a layer
+    asking for more than the window fails.
     """
 
-    def __init__(self, model, pool, batch: int, select):
+    def __init__(self, model, pool, batch: int, select, ring_window: int = None, ring_blocks: int = None):
         self.model, self.pool, self.select = model, pool, select
+        self.ring_window, self.ring_blocks = ring_window, ring_blocks
         self.tables = pool.block_tables[:batch]                                     # int32 [B, M], static
         self.configs = model_configs(model)
         self.keep_last = "logits_to_keep" in inspect.signature(type(model).forward).parameters
@@ -48,7 +52,10 @@ class DecoderRunner:
         positions = (real.long().cumsum(1) - 1).clamp(min=0)                           # [B, P], HF's position_ids
         slots = self.tables.long().gather(1, positions // pool.block_size) * pool.block_size \
             + positions % pool.block_size
-        self._step = ("prefill", torch.where(real, slots, -1).reshape(-1), positions, real)
+        stored = real
+        if self.ring_blocks is not None:   # a ring's slot holds the last of its positions: write only those
+            stored = real & (positions >= positions[:, -1:] + 1 - self.ring_blocks * pool.block_size)
+        self._step = ("prefill", torch.where(stored, slots, -1).reshape(-1), positions, real)
         try:
             return self._logits(input_ids, positions).float()
         finally:
@@ -73,6 +80,9 @@ class DecoderRunner:
         """query [B, T, H, D], key, value [B, T, H_kv, D]: writes K/V and returns the attention output [B, T, H, D]."""
         mode, slots, extra, real = self._step
         pool = self.pool
+        if self.ring_window is not None and (window is None or window > self.ring_window):
+            raise RuntimeError(f"layer {layer} attends {'the whole context' if window is None else f'{window} tokens'}"
+                               f" but the pool keeps rings for a window of {self.ring_window} (read from the config)")
         batch, num_new, heads, dim = query.shape
         kv_heads = key.shape[2]
         pool.append(layer, key.reshape(-1, kv_heads, dim).to(pool.dtype), value.reshape(-1, kv_heads, dim).to(pool.dtype),
