@@ -321,8 +321,10 @@ def _session(model, base, lm_head, params, lengths, max_new_tokens, eos, pad, ba
     release(model)
     shape = attention_shape(base.config)
     window = None if _is_gpt2(model) else shared_window(base.config)
-    # Every layer windowed: each sequence keeps a ring of the pages its window spans, not its whole context.
-    ring_blocks = None if window is None else min(blocks_for(window, block_size), blocks_per_seq)
+    # Every layer windowed: each sequence keeps a ring of the pages its window spans, not its whole context, plus
+    # two tokens: graph capture's warm-up steps write positions n and n + 1 ahead of the real steps (which rewrite
+    # them), and their ring slots must lie outside every window still to be read.
+    ring_blocks = None if window is None else min(blocks_for(window + 2, block_size), blocks_per_seq)
     pool = PagedKVCache(shape.num_layers, shape.num_kv_heads, shape.head_dim, max_batch_size=batch,
                         num_blocks=batch * (ring_blocks or blocks_per_seq), block_size=block_size,
                         max_blocks_per_seq=blocks_per_seq,

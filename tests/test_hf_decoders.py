@@ -270,7 +270,7 @@ def test_windowed_generate_keeps_only_the_window_pages(block_size):
                                  block_size=block_size)
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
         pool = model.__dict__["_kvkernels_generate_session"].pool
-        ring = -(-helpers.DECODERS["mistral"]["sliding_window"] // block_size)
+        ring = -(-(helpers.DECODERS["mistral"]["sliding_window"] + 2) // block_size)   # + graph warm-up's 2
         assert pool.num_blocks == 3 * ring < 3 * -(-(11 + 64) // block_size)
         assert pool.block_tables[0, ring].item() == pool.block_tables[0, 0].item()
 
@@ -292,3 +292,15 @@ def test_a_layer_asking_beyond_the_ring_fails_instead_of_reading_overwritten_pag
     with pytest.raises(RuntimeError, match="attends 6 tokens but the pool keeps rings for a window of 2"):
         kvkernels.generate(make_decoder("mistral"), *padded_batch(), max_new_tokens=4, do_sample=False,
                            block_size=2)
+
+
+def test_load_time_attention_refuses_what_the_kernels_do_not_implement():
+    """A model loaded with attn_implementation="kvkernels" whose attention soft-caps its logits (Gemma2) is refused
+    on a plain forward too, as patched forwards are (5.17's SDPA would drop the soft-capping silently)."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+    config = Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=16, attn_logit_softcapping=50.0)
+    gemma = Gemma2ForCausalLM._from_config(config, attn_implementation="kvkernels").eval()
+    with torch.no_grad(), pytest.raises(NotImplementedError, match="kvkernels' attention does not implement attention "
+                                                                    "logit soft-capping"):
+        gemma(torch.randint(2, 64, (1, 5)))

@@ -7,4 +7,5 @@ from .continuous_batching import continuous_batching_attention
 from .cache import PagedCache
 from .patch import is_patched, patch, patched, unpatch
 
-__all__ = ["PagedCache", "paged_attention", "load_time_attention", "continuous_batching_attention", "patch", "unpatch", "patched", "is_patched"]
+__all__ = ["PagedCache", "paged_attention", "load_time_attention", "continuous_batching_attention", "patch", "unpatch",
+           "patched", "is_patched"]

@@ -50,6 +50,15 @@ def active_cache(cache, configs):
         _ACTIVE.reset(token)
 
 
+def refuse_unsupported(module, kwargs):
+    """NotImplementedError for attention arguments that change the math in ways kvkernels does not implement."""
+    for name, what in _UNSUPPORTED.items():
+        if kwargs.get(name) is not None:
+            raise NotImplementedError(f"kvkernels' attention does not implement {what} ({name}=...), which "
+                                      f"{type(module).__name__} uses: load the model with another attn_implementation "
+                                      "or call kvkernels.unpatch(model)")
+
+
 def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,
                     **kwargs):
     """transformers' attention-function contract on kvkernels' paged cache.
@@ -72,10 +81,7 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
                            f"serves on its paged cache: load the model with attn_implementation={NAME!r} or call "
                            "kvkernels.patch(model)")
     cache, originals = active
-    for name, what in _UNSUPPORTED.items():
-        if kwargs.get(name) is not None:
-            raise NotImplementedError(f"kvkernels' paged attention does not implement {what} ({name}=...), which "
-                                      f"{type(module).__name__} uses: call kvkernels.unpatch(model)")
+    refuse_unsupported(module, kwargs)
     if dropout:
         raise NotImplementedError("kvkernels' paged attention has no attention dropout (the model is in training mode)")
     if kwargs.get("is_causal", getattr(module, "is_causal", True)) is False:
@@ -92,6 +98,7 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
 def load_time_attention(module, query, key, value, attention_mask, **kwargs):
     """attn_implementation="kvkernels" outside a forward kvkernels serves: HF's SDPA, with the mask transformers built
     for it (SDPA's, registered under the same name). Same contract as transformers' sdpa_attention_forward."""
+    refuse_unsupported(module, kwargs)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 
 from ..ops import paged_decode_attention, write_kv_cache
-from .attention import NAME
+from .attention import NAME, refuse_unsupported
 
 CB_NAME = f"paged|{NAME}"   # transformers 5.23 on strip the "paged|" prefix and never call it
 
@@ -47,6 +47,7 @@ def continuous_batching_attention(module, query, key, value, attention_mask, *, 
     if cache is None:
         raise ValueError(f"attn_implementation={CB_NAME!r} serves HF's continuous batching only (generate_batch); "
                          f"load the model with attn_implementation={NAME!r}")
+    refuse_unsupported(module, kwargs)
     group, index_in_group = cache.layer_index_to_group_indices[module.layer_idx]
     decode_batch = kwargs.get("max_seqlen_q") == 1
     window = cache.sliding_windows[module.layer_idx]     # 1 for full attention
