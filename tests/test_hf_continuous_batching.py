@@ -6,7 +6,7 @@ import functools
 
 import pytest
 import torch
-from transformers import GenerationConfig
+from transformers import ContinuousBatchingConfig, GenerationConfig
 
 import helpers
 import kvkernels
@@ -18,10 +18,17 @@ PROMPTS = [list(range(5, 22)), [3, 4, 5], list(range(30, 70))]   # longer than t
 CONFIG = dict(do_sample=False, eos_token_id=-1, pad_token_id=0)
 
 
+def small_pool():
+    """On a CPU, HF sizes its page pool to 80% of the machine's RAM and touches it all: one such pool per test worker
+    crashed CI's workers. 16-token pages also give the long prompt block tables of several pages."""
+    return ContinuousBatchingConfig(block_size=16, num_blocks=32, max_batch_tokens=128)
+
+
 def accepts_kvkernels(model):
     """Whether this transformers runs continuous batching on a registered attention function (<= 5.22)."""
     try:
-        model.generate_batch([[3, 4]], generation_config=GenerationConfig(max_new_tokens=1, **CONFIG))
+        model.generate_batch([[3, 4]], generation_config=GenerationConfig(max_new_tokens=1, **CONFIG),
+                            continuous_batching_config=small_pool())
     except ValueError as err:
         assert "not supported for continuous batching" in str(err)
         return False
@@ -30,17 +37,19 @@ def accepts_kvkernels(model):
 
 class KernelCalls:
     def __init__(self, monkeypatch):
-        self.batches = []
+        self.batches, self.pages_per_sequence = [], []
         original = continuous_batching.paged_decode_attention
 
-        def counting(query, *args, **kwargs):
+        def counting(query, k_pages, v_pages, block_tables, *args, **kwargs):
             self.batches.append(query.shape[0])
-            return original(query, *args, **kwargs)
+            self.pages_per_sequence.append(block_tables.shape[1])
+            return original(query, k_pages, v_pages, block_tables, *args, **kwargs)
         monkeypatch.setattr(continuous_batching, "paged_decode_attention", counting)
 
 
 def batched(model, max_new_tokens=12):
-    out = model.generate_batch(PROMPTS, generation_config=GenerationConfig(max_new_tokens=max_new_tokens, **CONFIG))
+    out = model.generate_batch(PROMPTS, generation_config=GenerationConfig(max_new_tokens=max_new_tokens, **CONFIG),
+                               continuous_batching_config=small_pool())
     return [out[key].generated_tokens for key in sorted(out, key=lambda k: int(k.split("_")[-1]))]
 
 
@@ -56,13 +65,15 @@ def test_generate_batch_runs_the_decode_kernel_on_hfs_pages(family, monkeypatch)
     assert len({tuple(tokens) for tokens in got}) == 3 and all(len(tokens) == 12 for tokens in got)
     full_layers = 1 if family == "qwen2" else 2
     assert calls.batches and max(calls.batches) == 3 and len(calls.batches) % full_layers == 0
+    assert max(calls.pages_per_sequence) >= 3                                  # 40 + 12 tokens in 16-token pages
     assert model.config._attn_implementation == "kvkernels"                  # HF switched it back after the batch
 
 
 def test_requests_joining_and_leaving_mid_flight(monkeypatch):
     """A long request starts alone; two more join once it has streamed tokens and leave before it ends."""
     def serve(model):
-        manager = model.init_continuous_batching(generation_config=GenerationConfig(max_new_tokens=24, **CONFIG))
+        manager = model.init_continuous_batching(generation_config=GenerationConfig(max_new_tokens=24, **CONFIG),
+                                                 continuous_batching_config=small_pool())
         manager.start()
         try:
             manager.add_request(PROMPTS[2], request_id="long", max_new_tokens=24, streaming=True)
