@@ -7,6 +7,7 @@ Columns, all timed on the same device, in the same run, on the same random input
             per-token scales (checked against the reference over the same quantized pages; GB/s counts the
             1-byte pages and the 4-byte scales read)
     cuda    kvkernels.paged_decode_attention(backend="cuda")   ("unavailable: <why>" when it cannot load)
+    cuda fp8 / cuda int8   the CUDA kernel over the same quantized pages
     torch   kvkernels.reference.paged_decode_attention         (plain PyTorch over the pages)
     sdpa    torch SDPA over a contiguous [B, H_kv, L, D] copy  (the no-paging baseline)
 Time: median of triton.testing.do_bench with the L2 flushed (CUDA); a wall-clock median on CPU.
@@ -40,11 +41,14 @@ from .common import (DTYPES, Stopwatch, add_run_args, bench_us, default_device, 
                      error_string, fmt, free_device_memory, markdown_table, output_dir, smoke_run_notice,
                      write_json)
 
-COLUMNS = ("triton", "triton_fp8", "triton_int8", "cuda", "torch", "sdpa")
+COLUMNS = ("triton", "triton_fp8", "triton_int8", "cuda", "cuda_fp8", "cuda_int8", "torch", "sdpa")
 COLUMN_TITLES = {"triton": "kvkernels triton", "triton_fp8": "kvkernels triton fp8 pages",
-                 "triton_int8": "kvkernels triton int8 pages", "cuda": "kvkernels cuda", "torch": "torch reference",
-                 "sdpa": "torch SDPA (contiguous)"}
-QUANT_COLUMNS = {"triton_fp8": torch.float8_e4m3fn, "triton_int8": torch.int8}
+                 "triton_int8": "kvkernels triton int8 pages", "cuda": "kvkernels cuda",
+                 "cuda_fp8": "kvkernels cuda fp8 pages", "cuda_int8": "kvkernels cuda int8 pages",
+                 "torch": "torch reference", "sdpa": "torch SDPA (contiguous)"}
+# column -> (backend, page dtype); each is compared with its backend's own fp16-page column
+QUANT_COLUMNS = {"triton_fp8": ("triton", torch.float8_e4m3fn), "triton_int8": ("triton", torch.int8),
+                 "cuda_fp8": ("cuda", torch.float8_e4m3fn), "cuda_int8": ("cuda", torch.int8)}
 # Agreement with the reference, which accumulates in fp32 and rounds once to the output dtype.
 TOLERANCES = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 1e-4}
 
@@ -84,7 +88,7 @@ TARGETS = (
     ("B=1 x L=16k: >= 2.0 TB/s", 1, 16384, lambda cell, sdpa: cell["gbps"] >= 2000),
     ("B=1 x L=1k: < 8 us", 1, 1024, lambda cell, sdpa: cell["us"] < 8),
 )
-# Issue-14 targets, both head shapes: (label, batch, context, least speed-up over the fp16-page triton cell).
+# Issue-14 targets, both head shapes: (label, batch, context, least speed-up over the same backend's fp16 pages).
 QUANT_TARGETS = (
     ("B=1 x L=16k: >= 1.8x the fp16 pages", 1, 16384, 1.8),
     ("B=64 x L=16k: >= 1.8x the fp16 pages", 64, 16384, 1.8),
@@ -182,14 +186,15 @@ def run_point(shape, batch, context, dtype_name, block_size, grid, device, copy_
     out = torch.empty_like(q)  # preallocated: the timed call only launches kernels
     # Triton merges split partitions in its last program, as kvkernels.generate runs it (the kernel leaves them 0)
     counters = torch.zeros(batch, shape.num_kv_heads, dtype=torch.int32, device=device)
-    quant = {name: (*quantize_pool(k_pool, cache_dtype), *quantize_pool(v_pool, cache_dtype))
-             for name, cache_dtype in QUANT_COLUMNS.items()}                   # (k pages, k scales, v pages, v scales)
+    quant = {cache_dtype: (*quantize_pool(k_pool, cache_dtype), *quantize_pool(v_pool, cache_dtype))
+             for cache_dtype in {dtype for _, dtype in QUANT_COLUMNS.values()}}  # (k pages, k scales, v pages, v scales)
 
     def quantized_call(name):
-        k_pages, k_scale, v_pages, v_scale = quant[name]
+        backend, cache_dtype = QUANT_COLUMNS[name]
+        k_pages, k_scale, v_pages, v_scale = quant[cache_dtype]
         return lambda: kvkernels.paged_decode_attention(q, k_pages, v_pages, tables, lens, k_scale=k_scale,
-                                                        v_scale=v_scale, backend="triton", validate=False, out=out,
-                                                        split_counters=counters)
+                                                        v_scale=v_scale, backend=backend, validate=False, out=out,
+                                                        split_counters=counters if backend == "triton" else None)
     calls = {
         "triton": lambda: kvkernels.paged_decode_attention(q, k_pool, v_pool, tables, lens, backend="triton",
                                                            validate=False, out=out, split_counters=counters),
@@ -200,14 +205,15 @@ def run_point(shape, batch, context, dtype_name, block_size, grid, device, copy_
         **{name: quantized_call(name) for name in QUANT_COLUMNS},
     }
     budget = memory_budget(device)
-    expected = {name: reference_output(q, k_pages, v_pages, tables, lens, shape, budget, k_scale, v_scale)
-                for name, (k_pages, k_scale, v_pages, v_scale) in quant.items()}
+    by_page_dtype = {cache_dtype: reference_output(q, k_pages, v_pages, tables, lens, shape, budget, k_scale, v_scale)
+                     for cache_dtype, (k_pages, k_scale, v_pages, v_scale) in quant.items()}
+    expected = {name: by_page_dtype[cache_dtype] for name, (_, cache_dtype) in QUANT_COLUMNS.items()}
     expected["fp16"] = reference_output(q, k_pool, v_pool, tables, lens, shape, budget)
     quant_bytes = int(lens.sum()) * shape.num_kv_heads * (shape.head_dim + 4) * 2   # 1-byte pages + fp32 scales
     tol = TOLERANCES[dtype]
     cells = {}
     for name in COLUMNS:
-        if name == "cuda" and cuda_unavailable:
+        if name.startswith("cuda") and cuda_unavailable:
             cells[name] = {"status": "unavailable", "error": cuda_unavailable}
             continue
         needed = reference_bytes(shape, batch, context, k_pool.element_size())
@@ -232,7 +238,7 @@ def run_point(shape, batch, context, dtype_name, block_size, grid, device, copy_
                        "pct_copy": 100 * gbps / copy_gbps,
                        "max_abs_err": err, "check": bool(written and err <= tol), "tolerance": tol}
     num_splits = triton_decode.default_num_splits(check_decode_inputs(q, k_pool, v_pool, tables, lens), dtype, device)
-    del q, k_pool, v_pool, k_dense, v_dense, expected, out, quant
+    del q, k_pool, v_pool, k_dense, v_dense, expected, by_page_dtype, out, quant
     free_device_memory(device)
     return {"shape": shape.name, "num_heads": shape.num_heads, "num_kv_heads": shape.num_kv_heads,
             "head_dim": shape.head_dim, "batch": batch, "context": context, "dtype": dtype_name,
@@ -263,7 +269,8 @@ def evaluate_targets(points) -> list:
 
 
 def evaluate_quant_targets(points) -> list:
-    """Each issue-14 target: the fp8 / int8 page cells' speed-up over the fp16-page triton cell of the same point."""
+    """Each issue-14 target: the fp8 / int8 page cells' speed-up over the same backend's fp16-page cell of the same
+    point."""
     rows = []
     combos = sorted({(p["shape"], p["dtype"], p["block_size"]) for p in points})
     for label, batch, context, least in QUANT_TARGETS:
@@ -274,7 +281,7 @@ def evaluate_quant_targets(points) -> list:
                 if not match:
                     verdict, speedup = "not in this run", None
                 else:
-                    base, cell = match[0]["columns"]["triton"], match[0]["columns"][name]
+                    base, cell = match[0]["columns"][QUANT_COLUMNS[name][0]], match[0]["columns"][name]
                     if base["status"] != "ok" or cell["status"] != "ok":
                         verdict, speedup = f"{cell['status']} / fp16 {base['status']}", None
                     else:
@@ -319,7 +326,7 @@ def markdown(result) -> str:
               markdown_table(["target", "dtype", "block", "backend", "verdict"],
                              [[t["target"], t["dtype"], t["block_size"], t["backend"], t["verdict"]]
                               for t in result["targets"]]), "",
-              "## Issue-14 targets (fp8 / int8 pages against fp16 pages, the triton kernel)", "",
+              "## Issue-14 targets (fp8 / int8 pages against the same backend's fp16 pages)", "",
               markdown_table(["target", "shape", "dtype", "block", "pages", "speed-up", "verdict"],
                              [[t["target"], t["shape"], t["dtype"], t["block_size"], COLUMN_TITLES[t["column"]],
                                "" if t["speedup"] is None else f"{t['speedup']:.2f}x", t["verdict"]]

@@ -9,7 +9,8 @@ from .common import run_label  # noqa: E402
 from .models import model_title  # noqa: E402
 
 STYLE = {"triton": ("tab:blue", "o"), "triton_fp8": ("tab:purple", "v"), "triton_int8": ("tab:red", "P"),
-         "cuda": ("tab:orange", "s"), "torch": ("tab:gray", "^"), "sdpa": ("tab:green", "D")}
+         "cuda": ("tab:orange", "s"), "cuda_fp8": ("tab:brown", "X"), "cuda_int8": ("tab:pink", "*"),
+         "torch": ("tab:gray", "^"), "sdpa": ("tab:green", "D")}
 
 
 def _save(fig, path):

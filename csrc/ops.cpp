@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <optional>
 
 #include "kvkernels.h"
 
@@ -49,6 +50,69 @@ void check_rows_aligned(const at::Tensor& cache, const char* name) {
   }
 }
 
+bool is_quantized(at::ScalarType dtype) { return dtype == at::kFloat8_e4m3fn || dtype == at::kChar; }
+
+CacheType cache_type_of(at::ScalarType dtype) {
+  if (dtype == at::kFloat8_e4m3fn) return CacheType::kFp8E4M3;
+  if (dtype == at::kChar) return CacheType::kInt8;
+  return CacheType::kSameAsQuery;
+}
+
+ScalarType scalar_type_of(at::ScalarType dtype) {
+  if (dtype == at::kHalf) return ScalarType::kHalf;
+  if (dtype == at::kBFloat16) return ScalarType::kBFloat16;
+  return ScalarType::kFloat;
+}
+
+// (block, slot, head) strides of fp8 / int8 pages' fp32 scales: [num_blocks, block_size, H_kv] per token,
+// [H_kv] static per head (0, 0, s).
+struct ScaleStrides {
+  int64_t block, slot, head;
+};
+
+ScaleStrides check_scales(const std::optional<at::Tensor>& scale, const char* name, const at::Tensor& cache) {
+  TORCH_CHECK(scale.has_value() && scale->defined(), "kvkernels: ", cache.scalar_type(), " pages need ", name,
+              ": float32 [num_blocks, block_size, num_kv_heads] or [num_kv_heads]");
+  const at::Tensor& s = *scale;
+  check_cuda(s, name, cache);
+  TORCH_CHECK(s.scalar_type() == at::kFloat, "kvkernels: ", name, " must be float32, got ", s.scalar_type());
+  if (s.dim() == 3) {
+    TORCH_CHECK(s.size(0) == cache.size(0) && s.size(1) == cache.size(1) && s.size(2) == cache.size(2),
+                "kvkernels: ", name, " must be [", cache.size(0), ", ", cache.size(1), ", ", cache.size(2),
+                "] (per token) or [", cache.size(2), "] (static), got ", s.sizes());
+    return {s.stride(0), s.stride(1), s.stride(2)};
+  }
+  TORCH_CHECK(s.dim() == 1 && s.size(0) == cache.size(2), "kvkernels: ", name, " must be [", cache.size(0), ", ",
+              cache.size(1), ", ", cache.size(2), "] (per token) or [", cache.size(2), "] (static), got ", s.sizes());
+  return {0, 0, s.stride(0)};
+}
+
+struct PageScales {
+  float* k = nullptr;  // null for unquantized pages
+  float* v = nullptr;
+  ScaleStrides k_strides{}, v_strides{};
+  bool per_token = false;
+};
+
+// Scales go with fp8 / int8 pages and only with them, k's and v's of one kind (both per token or both static).
+PageScales check_page_scales(const std::optional<at::Tensor>& k_scale, const std::optional<at::Tensor>& v_scale,
+                             const at::Tensor& k_cache) {
+  PageScales scales;
+  if (!is_quantized(k_cache.scalar_type())) {
+    TORCH_CHECK(!(k_scale.has_value() && k_scale->defined()) && !(v_scale.has_value() && v_scale->defined()),
+                "kvkernels: k_scale / v_scale belong to fp8 or int8 pages; these pages are ", k_cache.scalar_type());
+    return scales;
+  }
+  scales.k_strides = check_scales(k_scale, "k_scale", k_cache);
+  scales.v_strides = check_scales(v_scale, "v_scale", k_cache);
+  TORCH_CHECK(k_scale->sizes() == v_scale->sizes(), "kvkernels: v_scale has shape ", v_scale->sizes(),
+              " but k_scale has ", k_scale->sizes());
+  scales.k = k_scale->data_ptr<float>();
+  scales.v = v_scale->data_ptr<float>();
+  scales.per_token = k_scale->dim() == 3;
+  return scales;
+}
+
 void check_fits_int(int64_t value, const char* what) {
   TORCH_CHECK(value <= std::numeric_limits<int32_t>::max() - 1024, "kvkernels: ", what, " = ", value,
               " is too large for the kernel's 32-bit token indices");
@@ -57,8 +121,10 @@ void check_fits_int(int64_t value, const char* what) {
 void paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                             const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale,
                             int64_t min_split_tokens, int64_t max_splits, at::Tensor& out, at::Tensor& partial_out,
-                            at::Tensor& partial_lse) {
-  // q [B, H, D]; k_cache, v_cache [num_blocks, block_size, H_kv, D]; block_tables int32 [B, M]; seq_lens int32 [B].
+                            at::Tensor& partial_lse, const std::optional<at::Tensor>& k_scale,
+                            const std::optional<at::Tensor>& v_scale) {
+  // q [B, H, D]; k_cache, v_cache [num_blocks, block_size, H_kv, D] in q's dtype, or fp8 / int8 with fp32
+  // k_scale, v_scale [num_blocks, block_size, H_kv] or [H_kv]; block_tables int32 [B, M]; seq_lens int32 [B].
   check_cuda(q, "q", q);
   check_cuda(k_cache, "k_cache", q);
   check_cuda(v_cache, "v_cache", q);
@@ -68,9 +134,11 @@ void paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   const auto dtype = q.scalar_type();
   TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat,
               "kvkernels: the CUDA decode kernel supports float16, bfloat16 and float32, got q of dtype ", dtype);
-  TORCH_CHECK(k_cache.scalar_type() == dtype && v_cache.scalar_type() == dtype && out.scalar_type() == dtype,
-              "kvkernels: k_cache (", k_cache.scalar_type(), "), v_cache (", v_cache.scalar_type(), ") and out (",
-              out.scalar_type(), ") must have q's dtype ", dtype);
+  const auto page_dtype = k_cache.scalar_type();
+  TORCH_CHECK((page_dtype == dtype || is_quantized(page_dtype)) && v_cache.scalar_type() == page_dtype &&
+                  out.scalar_type() == dtype,
+              "kvkernels: k_cache (", page_dtype, ") and v_cache (", v_cache.scalar_type(), ") must both have q's ",
+              "dtype ", dtype, " or both be float8_e4m3fn / int8, and out (", out.scalar_type(), ") q's dtype");
   TORCH_CHECK(block_tables.scalar_type() == at::kInt, "kvkernels: block_tables must be int32, got ",
               block_tables.scalar_type());
   TORCH_CHECK(seq_lens.scalar_type() == at::kInt, "kvkernels: seq_lens must be int32, got ", seq_lens.scalar_type());
@@ -80,6 +148,7 @@ void paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "kvkernels: v_cache has shape ", v_cache.sizes(),
               " but k_cache has ", k_cache.sizes());
   TORCH_CHECK(out.sizes() == q.sizes(), "kvkernels: out has shape ", out.sizes(), " but q has ", q.sizes());
+  const PageScales scales = check_page_scales(k_scale, v_scale, k_cache);
 
   const int64_t batch = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
   const int64_t num_blocks = k_cache.size(0), block_size = k_cache.size(1), num_kv_heads = k_cache.size(2);
@@ -137,6 +206,14 @@ void paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   p.out = out.data_ptr();
   p.partial_out = max_splits > 1 ? partial_out.data_ptr<float>() : nullptr;
   p.partial_lse = max_splits > 1 ? partial_lse.data_ptr<float>() : nullptr;
+  p.k_scale = scales.k;
+  p.v_scale = scales.v;
+  p.stride_ks_block = scales.k_strides.block;
+  p.stride_ks_slot = scales.k_strides.slot;
+  p.stride_ks_head = scales.k_strides.head;
+  p.stride_vs_block = scales.v_strides.block;
+  p.stride_vs_slot = scales.v_strides.slot;
+  p.stride_vs_head = scales.v_strides.head;
   p.stride_q_seq = q.stride(0);
   p.stride_q_head = q.stride(1);
   p.stride_k_block = k_cache.stride(0);
@@ -170,29 +247,38 @@ void paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   const c10::cuda::CUDAGuard device_guard(q.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   bool launched = false;
-  switch (dtype) {
-    case at::kHalf: launched = launch_paged_decode_fp16(p, stream); break;
-    case at::kBFloat16: launched = launch_paged_decode_bf16(p, stream); break;
-    default: launched = launch_paged_decode_fp32(p, stream); break;
+  switch (cache_type_of(page_dtype)) {
+    case CacheType::kFp8E4M3: launched = launch_paged_decode_fp8(p, scalar_type_of(dtype), stream); break;
+    case CacheType::kInt8: launched = launch_paged_decode_int8(p, scalar_type_of(dtype), stream); break;
+    default:
+      switch (dtype) {
+        case at::kHalf: launched = launch_paged_decode_fp16(p, stream); break;
+        case at::kBFloat16: launched = launch_paged_decode_bf16(p, stream); break;
+        default: launched = launch_paged_decode_fp32(p, stream); break;
+      }
   }
   TORCH_CHECK(launched, "kvkernels: no decode kernel for head_dim ", head_dim, " and group tile ", p.group_tile);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void write_kv_cache(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
-                    const at::Tensor& slot_mapping) {
-  // k, v [N, H_kv, D]; k_cache, v_cache [num_blocks, block_size, H_kv, D]; slot_mapping int64 [N].
+                    const at::Tensor& slot_mapping, const std::optional<at::Tensor>& k_scale,
+                    const std::optional<at::Tensor>& v_scale) {
+  // k, v [N, H_kv, D]; k_cache, v_cache [num_blocks, block_size, H_kv, D] in k's dtype, or fp8 / int8 with fp32
+  // k_scale, v_scale [num_blocks, block_size, H_kv] (written) or [H_kv] (read); slot_mapping int64 [N].
   check_cuda(k, "k", k_cache);
   check_cuda(v, "v", k_cache);
   check_cuda(k_cache, "k_cache", k_cache);
   check_cuda(v_cache, "v_cache", k_cache);
   check_cuda(slot_mapping, "slot_mapping", k_cache);
-  const auto dtype = k_cache.scalar_type();
+  const auto dtype = k.scalar_type();
+  const auto page_dtype = k_cache.scalar_type();
   TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat,
-              "kvkernels: the CUDA KV write supports float16, bfloat16 and float32, got k_cache of dtype ", dtype);
-  TORCH_CHECK(k.scalar_type() == dtype && v.scalar_type() == dtype && v_cache.scalar_type() == dtype,
-              "kvkernels: k (", k.scalar_type(), "), v (", v.scalar_type(), ") and v_cache (", v_cache.scalar_type(),
-              ") must have k_cache's dtype ", dtype);
+              "kvkernels: the CUDA KV write supports float16, bfloat16 and float32 rows, got k of dtype ", dtype);
+  TORCH_CHECK(v.scalar_type() == dtype && (page_dtype == dtype || is_quantized(page_dtype)) &&
+                  v_cache.scalar_type() == page_dtype,
+              "kvkernels: v (", v.scalar_type(), ") must have k's dtype ", dtype, ", and k_cache (", page_dtype,
+              ") and v_cache (", v_cache.scalar_type(), ") both k's dtype or both float8_e4m3fn / int8");
   TORCH_CHECK(slot_mapping.scalar_type() == at::kLong, "kvkernels: slot_mapping must be int64, got ",
               slot_mapping.scalar_type());
   TORCH_CHECK(k_cache.dim() == 4, "kvkernels: k_cache must be [num_blocks, block_size, num_kv_heads, head_dim], got ",
@@ -206,6 +292,9 @@ void write_kv_cache(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cach
               k.size(0), "], got ", slot_mapping.sizes());
   check_last_dim_contiguous(k_cache, "k_cache");
   check_last_dim_contiguous(v_cache, "v_cache");
+  const PageScales scales = check_page_scales(k_scale, v_scale, k_cache);
+  TORCH_CHECK(scales.k == nullptr || k.size(2) <= 256, "kvkernels: the CUDA KV write quantizes rows of head_dim <= 256, got ",
+              k.size(2));
   const int64_t num_tokens = k.size(0);
   if (num_tokens == 0 || k.numel() == 0) return;
   check_fits_int(num_tokens, "num_tokens");
@@ -235,11 +324,22 @@ void write_kv_cache(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cach
   p.num_kv_heads = static_cast<int>(k.size(1));
   p.head_dim = static_cast<int>(k.size(2));
   p.block_size = static_cast<int>(k_cache.size(1));
-  p.element_size = static_cast<int>(k_cache.element_size());
+  p.element_size = static_cast<int>(k.element_size());
+  p.input_type = scalar_type_of(dtype);
+  p.cache_type = cache_type_of(page_dtype);
+  p.k_scale = scales.k;
+  p.v_scale = scales.v;
+  p.stride_ks_block = scales.k_strides.block;
+  p.stride_ks_slot = scales.k_strides.slot;
+  p.stride_ks_head = scales.k_strides.head;
+  p.stride_vs_block = scales.v_strides.block;
+  p.stride_vs_slot = scales.v_strides.slot;
+  p.stride_vs_head = scales.v_strides.head;
+  p.per_token_scales = scales.per_token;
 
   const c10::cuda::CUDAGuard device_guard(k_cache.device());
   TORCH_CHECK(launch_write_kv(p, c10::cuda::getCurrentCUDAStream()), "kvkernels: no KV write kernel for ",
-              p.element_size, "-byte elements");
+              dtype, " rows into ", page_dtype, " pages");
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -252,8 +352,11 @@ TORCH_LIBRARY(kvkernels, m) {
   m.def(
       "paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
       "float scale, int min_split_tokens, int max_splits, "
-      "Tensor! out, Tensor! partial_out, Tensor! partial_lse) -> ()");
-  m.def("write_kv_cache(Tensor k, Tensor v, Tensor! k_cache, Tensor! v_cache, Tensor slot_mapping) -> ()");
+      "Tensor! out, Tensor! partial_out, Tensor! partial_lse, Tensor? k_scale=None, Tensor? v_scale=None) -> ()");
+  // fp8 / int8 pages' per-token scales are written beside the rows (static ones only read).
+  m.def(
+      "write_kv_cache(Tensor k, Tensor v, Tensor! k_cache, Tensor! v_cache, Tensor slot_mapping, "
+      "Tensor(a!)? k_scale=None, Tensor(b!)? v_scale=None) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(kvkernels, CUDA, m) {

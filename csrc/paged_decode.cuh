@@ -7,10 +7,14 @@
 // subset of the partition's tokens, and the groups are merged through shared memory at the end. With one
 // split the CTA writes the normalised output; otherwise an fp32 partial output and its base-2
 // log-sum-exp, which `merge_splits_kernel` combines.
+//
+// fp8 (e4m3) and int8 pages are dequantized in registers: a token's K scale multiplies its score and its V
+// scale its probability's weight on V, so the loop reads 1 byte per element plus 8 bytes of scales per token.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_fp8.h>
 #include <cuda_runtime.h>
 
 #include <cmath>
@@ -32,13 +36,15 @@ __host__ __device__ constexpr int next_pow2(int x) {
   return p;
 }
 
-// Conversions between storage types and fp32, and unpacking of one 16-byte vector.
+// Conversions between storage types and fp32, and unpacking of one vector load (Vec) of page elements.
 template <typename T>
 struct Elem;
 
 template <>
 struct Elem<float> {
+  using Vec = uint4;
   static constexpr int kPerVec = 4;
+  static constexpr bool kQuantized = false;
   static __device__ __forceinline__ float to_float(float x) { return x; }
   static __device__ __forceinline__ float from_float(float x) { return x; }
   static __device__ __forceinline__ void unpack(const uint4& raw, float* out) {
@@ -51,7 +57,9 @@ struct Elem<float> {
 
 template <>
 struct Elem<__half> {
+  using Vec = uint4;
   static constexpr int kPerVec = 8;
+  static constexpr bool kQuantized = false;
   static __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
   static __device__ __forceinline__ __half from_float(float x) { return __float2half_rn(x); }
   static __device__ __forceinline__ void unpack(const uint4& raw, float* out) {
@@ -69,7 +77,9 @@ struct Elem<__half> {
 
 template <>
 struct Elem<__nv_bfloat16> {
+  using Vec = uint4;
   static constexpr int kPerVec = 8;
+  static constexpr bool kQuantized = false;
   static __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
   static __device__ __forceinline__ __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
   static __device__ __forceinline__ void unpack(const uint4& raw, float* out) {
@@ -82,12 +92,51 @@ struct Elem<__nv_bfloat16> {
   }
 };
 
-// Thread layout of one (dtype, head dim, group tile) instantiation.
-template <typename T, int HEAD_DIM, int GROUP_TILE>
+// 1-byte pages load 8 elements (8 bytes) per vector: a row's lane layout is then fp16's, with the same q and
+// accumulator registers per lane, and a lane group takes twice fp16's tokens to keep as many bytes in flight.
+template <>
+struct Elem<__nv_fp8_e4m3> {
+  using Vec = uint2;
+  static constexpr int kPerVec = 8;
+  static constexpr bool kQuantized = true;
+  static __device__ __forceinline__ void unpack(const uint2& raw, float* out) {
+    const uint32_t words[2] = {raw.x, raw.y};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {  // e4m3 pairs to fp16 pairs (one cvt on sm_89+): exact, the low byte first
+      const auto pair = static_cast<__nv_fp8x2_storage_t>(words[i / 2] >> (16 * (i % 2)));
+      const float2 f = __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2(pair, __NV_E4M3)));
+      out[2 * i] = f.x;
+      out[2 * i + 1] = f.y;
+    }
+  }
+};
+
+template <>
+struct Elem<int8_t> {
+  using Vec = uint2;
+  static constexpr int kPerVec = 8;
+  static constexpr bool kQuantized = true;
+  static __device__ __forceinline__ void unpack(const uint2& raw, float* out) {
+    const uint32_t words[2] = {raw.x, raw.y};
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      // x + 128 as the low mantissa byte of 2^23 is the float 2^23 + 128 + x: one byte permute and one
+      // subtraction, exact, instead of a quarter-rate integer-to-float conversion per element.
+      const uint32_t biased = words[i] ^ 0x80808080u;
+#pragma unroll
+      for (int b = 0; b < 4; ++b)
+        out[4 * i + b] = __uint_as_float(__byte_perm(biased, 0x4B000000u, 0x7540u | b)) - 8388736.f;
+    }
+  }
+};
+
+// Thread layout of one (page dtype, head dim, group tile) instantiation.
+template <typename KT, int HEAD_DIM, int GROUP_TILE>
 struct DecodeConfig {
-  static constexpr int kVecElems = Elem<T>::kPerVec;
-  static_assert(HEAD_DIM % kVecElems == 0, "a K/V row must be a whole number of 16-byte vectors");
-  static constexpr int kVecs = HEAD_DIM / kVecElems;  // 16-byte vectors per K/V row
+  using Vec = typename Elem<KT>::Vec;
+  static constexpr int kVecElems = Elem<KT>::kPerVec;
+  static_assert(HEAD_DIM % kVecElems == 0, "a K/V row must be a whole number of vectors");
+  static constexpr int kVecs = HEAD_DIM / kVecElems;  // vector loads per K/V row
   // Lanes reading one token row: a power of two so the dot product reduces with xor shuffles inside
   // the lane group. For 80 and 96 (10 or 12 vectors in 16 lanes, 20 or 24 in 32) the spare lanes load
   // nothing and contribute zeros.
@@ -96,9 +145,11 @@ struct DecodeConfig {
   static constexpr int kElemsPerLane = kVecsPerLane * kVecElems;
   static constexpr int kGroups = kDecodeThreads / kLanes;  // token rows in flight per step
   static constexpr int kWarps = kDecodeThreads / kWarpSize;
-  // Tokens a lane group loads before using any: enough 16-byte loads in flight to cover DRAM latency,
-  // fewer with many heads, whose q and accumulators take the registers.
-  static constexpr int kTokensPerGroup = GROUP_TILE >= 4 ? 2 : 4;
+  // Tokens a lane group loads before using any: enough loads in flight to cover DRAM latency, fewer with
+  // many heads, whose q and accumulators take the registers. 8-byte vectors (1-byte pages) take twice the
+  // tokens for the same bytes and raw registers, up to 4 heads (8 heads stay at 2: their per-token scores and
+  // probabilities are what already fills the registers there).
+  static constexpr int kTokensPerGroup = (GROUP_TILE >= 4 ? 2 : 4) * (sizeof(Vec) == 8 && GROUP_TILE <= 4 ? 2 : 1);
   static constexpr int kRoundTokens = kGroups * kTokensPerGroup;  // the split layout's tile
   static_assert(kMinBlockSize % kTokensPerGroup == 0, "a lane group's tokens must never straddle a block");
 };
@@ -133,9 +184,12 @@ __device__ __forceinline__ float lane_group_sum(float x) {
   return x;
 }
 
-template <typename T, int HEAD_DIM, int GROUP_TILE>
+// T: q and out; KT: pages (T itself, or fp8 / int8 with scales).
+template <typename T, typename KT, int HEAD_DIM, int GROUP_TILE>
 __global__ void __launch_bounds__(kDecodeThreads) paged_decode_kernel(const PagedDecodeParams p) {
-  using C = DecodeConfig<T, HEAD_DIM, GROUP_TILE>;
+  using C = DecodeConfig<KT, HEAD_DIM, GROUP_TILE>;
+  using Vec = typename C::Vec;
+  constexpr bool kQuantized = Elem<KT>::kQuantized;
   constexpr int E = C::kElemsPerLane;
   constexpr int U = C::kTokensPerGroup;
 
@@ -188,8 +242,14 @@ __global__ void __launch_bounds__(kDecodeThreads) paged_decode_kernel(const Page
     for (int e = 0; e < E; ++e) acc[g][e] = 0.f;
   }
 
-  const T* k_cache = static_cast<const T*>(p.k_cache) + static_cast<int64_t>(kv_head) * p.stride_k_head;
-  const T* v_cache = static_cast<const T*>(p.v_cache) + static_cast<int64_t>(kv_head) * p.stride_v_head;
+  const KT* k_cache = static_cast<const KT*>(p.k_cache) + static_cast<int64_t>(kv_head) * p.stride_k_head;
+  const KT* v_cache = static_cast<const KT*>(p.v_cache) + static_cast<int64_t>(kv_head) * p.stride_v_head;
+  const float* k_scale = p.k_scale;  // this KV head's scales (null without quantized pages: never read)
+  const float* v_scale = p.v_scale;
+  if constexpr (kQuantized) {
+    k_scale += static_cast<int64_t>(kv_head) * p.stride_ks_head;
+    v_scale += static_cast<int64_t>(kv_head) * p.stride_vs_head;
+  }
   const int32_t* table = p.block_tables + static_cast<int64_t>(seq) * p.stride_table_seq;
 
   // The block id of a lane group's first token; it is looked up a round ahead so the table read is off
@@ -210,22 +270,26 @@ __global__ void __launch_bounds__(kDecodeThreads) paged_decode_kernel(const Page
     const int64_t block = next_block;
     next_block = lookup_block(first_token + C::kRoundTokens);
     bool valid[U];
-    uint4 k_raw[U][C::kVecsPerLane];
-    uint4 v_raw[U][C::kVecsPerLane];
+    Vec k_raw[U][C::kVecsPerLane];
+    Vec v_raw[U][C::kVecsPerLane];
+    float k_scales[U];  // quantized pages only: each token's scales (0 when masked, free slots' may be NaN)
+    float v_scales[U];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       valid[u] = first_token + u < range.end;
+      k_scales[u] = 0.f;
+      v_scales[u] = 0.f;
 #pragma unroll
       for (int j = 0; j < C::kVecsPerLane; ++j) {
-        k_raw[u][j] = make_uint4(0u, 0u, 0u, 0u);
-        v_raw[u][j] = make_uint4(0u, 0u, 0u, 0u);
+        k_raw[u][j] = Vec{};
+        v_raw[u][j] = Vec{};
       }
     }
     // Masked loads, not masked scores: free slots may hold NaN and 0 * NaN = NaN.
     if (valid[0]) {
       const int64_t first_slot = first_token & (p.block_size - 1);
-      const T* k_rows = k_cache + block * p.stride_k_block + first_slot * p.stride_k_slot;
-      const T* v_rows = v_cache + block * p.stride_v_block + first_slot * p.stride_v_slot;
+      const KT* k_rows = k_cache + block * p.stride_k_block + first_slot * p.stride_k_slot;
+      const KT* v_rows = v_cache + block * p.stride_v_block + first_slot * p.stride_v_slot;
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         if (valid[u]) {
@@ -233,9 +297,15 @@ __global__ void __launch_bounds__(kDecodeThreads) paged_decode_kernel(const Page
           for (int j = 0; j < C::kVecsPerLane; ++j) {
             const int vec = lane_in_group + j * C::kLanes;
             if (vec < C::kVecs) {
-              k_raw[u][j] = __ldg(reinterpret_cast<const uint4*>(k_rows + u * p.stride_k_slot + vec * C::kVecElems));
-              v_raw[u][j] = __ldg(reinterpret_cast<const uint4*>(v_rows + u * p.stride_v_slot + vec * C::kVecElems));
+              k_raw[u][j] = __ldg(reinterpret_cast<const Vec*>(k_rows + u * p.stride_k_slot + vec * C::kVecElems));
+              v_raw[u][j] = __ldg(reinterpret_cast<const Vec*>(v_rows + u * p.stride_v_slot + vec * C::kVecElems));
             }
+          }
+          if constexpr (kQuantized) {
+            const int64_t k_at = block * p.stride_ks_block + (first_slot + u) * p.stride_ks_slot;
+            const int64_t v_at = block * p.stride_vs_block + (first_slot + u) * p.stride_vs_slot;
+            k_scales[u] = __ldg(k_scale + k_at);
+            v_scales[u] = __ldg(v_scale + v_at);
           }
         }
       }
@@ -246,7 +316,7 @@ __global__ void __launch_bounds__(kDecodeThreads) paged_decode_kernel(const Page
     for (int u = 0; u < U; ++u) {
       float k[E];
 #pragma unroll
-      for (int j = 0; j < C::kVecsPerLane; ++j) Elem<T>::unpack(k_raw[u][j], k + j * C::kVecElems);
+      for (int j = 0; j < C::kVecsPerLane; ++j) Elem<KT>::unpack(k_raw[u][j], k + j * C::kVecElems);
 #pragma unroll
       for (int g = 0; g < GROUP_TILE; ++g) {
         scores[u][g] = -INFINITY;
@@ -255,6 +325,7 @@ __global__ void __launch_bounds__(kDecodeThreads) paged_decode_kernel(const Page
 #pragma unroll
           for (int e = 0; e < E; ++e) dot = fmaf(q[g][e], k[e], dot);
           dot = lane_group_sum<C::kLanes>(dot);
+          if constexpr (kQuantized) dot *= k_scales[u];
           if (valid[u]) scores[u][g] = dot;
         }
       }
@@ -286,12 +357,14 @@ __global__ void __launch_bounds__(kDecodeThreads) paged_decode_kernel(const Page
     for (int u = 0; u < U; ++u) {
       float v[E];
 #pragma unroll
-      for (int j = 0; j < C::kVecsPerLane; ++j) Elem<T>::unpack(v_raw[u][j], v + j * C::kVecElems);
+      for (int j = 0; j < C::kVecsPerLane; ++j) Elem<KT>::unpack(v_raw[u][j], v + j * C::kVecElems);
 #pragma unroll
       for (int g = 0; g < GROUP_TILE; ++g) {
         if (g < active_heads) {
+          // l sums the probabilities themselves; V's scale weighs the token's row
+          const float weight = kQuantized ? probs[u][g] * v_scales[u] : probs[u][g];
 #pragma unroll
-          for (int e = 0; e < E; ++e) acc[g][e] = fmaf(probs[u][g], v[e], acc[g][e]);
+          for (int e = 0; e < E; ++e) acc[g][e] = fmaf(weight, v[e], acc[g][e]);
         }
       }
     }
@@ -403,37 +476,49 @@ __global__ void __launch_bounds__(kMergeThreads) merge_splits_kernel(const Paged
   }
 }
 
-template <typename T, int HEAD_DIM, int GROUP_TILE>
+template <typename T, typename KT, int HEAD_DIM, int GROUP_TILE>
 void launch_decode(const PagedDecodeParams& p, cudaStream_t stream) {
-  using C = DecodeConfig<T, HEAD_DIM, GROUP_TILE>;
+  using C = DecodeConfig<KT, HEAD_DIM, GROUP_TILE>;
   const dim3 grid(p.batch, p.num_kv_heads * p.head_chunks, p.max_splits);
-  paged_decode_kernel<T, HEAD_DIM, GROUP_TILE><<<grid, kDecodeThreads, 0, stream>>>(p);
+  paged_decode_kernel<T, KT, HEAD_DIM, GROUP_TILE><<<grid, kDecodeThreads, 0, stream>>>(p);
   if (p.max_splits > 1) {
     merge_splits_kernel<T><<<dim3(p.batch, p.num_heads), kMergeThreads, 0, stream>>>(p, C::kRoundTokens);
   }
 }
 
-template <typename T, int HEAD_DIM>
+template <typename T, typename KT, int HEAD_DIM>
 bool launch_decode_group_tile(const PagedDecodeParams& p, cudaStream_t stream) {
   switch (p.group_tile) {
-    case 1: launch_decode<T, HEAD_DIM, 1>(p, stream); return true;
-    case 2: launch_decode<T, HEAD_DIM, 2>(p, stream); return true;
-    case 4: launch_decode<T, HEAD_DIM, 4>(p, stream); return true;
-    case 8: launch_decode<T, HEAD_DIM, 8>(p, stream); return true;
+    case 1: launch_decode<T, KT, HEAD_DIM, 1>(p, stream); return true;
+    case 2: launch_decode<T, KT, HEAD_DIM, 2>(p, stream); return true;
+    case 4: launch_decode<T, KT, HEAD_DIM, 4>(p, stream); return true;
+    case 8: launch_decode<T, KT, HEAD_DIM, 8>(p, stream); return true;
     default: return false;
   }
 }
 
-template <typename T>
+// T: q and out; KT: pages, T by default.
+template <typename T, typename KT = T>
 bool launch_paged_decode_typed(const PagedDecodeParams& p, cudaStream_t stream) {
   static_assert(kMaxGroupTile == 8, "launch_decode_group_tile instantiates tiles 1, 2, 4, 8");
   switch (p.head_dim) {
-    case 32: return launch_decode_group_tile<T, 32>(p, stream);
-    case 64: return launch_decode_group_tile<T, 64>(p, stream);
-    case 80: return launch_decode_group_tile<T, 80>(p, stream);
-    case 96: return launch_decode_group_tile<T, 96>(p, stream);
-    case 128: return launch_decode_group_tile<T, 128>(p, stream);
-    case 256: return launch_decode_group_tile<T, 256>(p, stream);
+    case 32: return launch_decode_group_tile<T, KT, 32>(p, stream);
+    case 64: return launch_decode_group_tile<T, KT, 64>(p, stream);
+    case 80: return launch_decode_group_tile<T, KT, 80>(p, stream);
+    case 96: return launch_decode_group_tile<T, KT, 96>(p, stream);
+    case 128: return launch_decode_group_tile<T, KT, 128>(p, stream);
+    case 256: return launch_decode_group_tile<T, KT, 256>(p, stream);
+    default: return false;
+  }
+}
+
+// q's dtype picks T for 1-byte pages KT.
+template <typename KT>
+bool launch_paged_decode_quantized(const PagedDecodeParams& p, ScalarType q_type, cudaStream_t stream) {
+  switch (q_type) {
+    case ScalarType::kHalf: return launch_paged_decode_typed<__half, KT>(p, stream);
+    case ScalarType::kBFloat16: return launch_paged_decode_typed<__nv_bfloat16, KT>(p, stream);
+    case ScalarType::kFloat: return launch_paged_decode_typed<float, KT>(p, stream);
     default: return false;
   }
 }

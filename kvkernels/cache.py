@@ -16,7 +16,7 @@ import torch
 
 from ._validate import is_quantized, resolve_cache_dtype
 from .gpt2_common import check_positive_int
-from .ops import paged_decode_attention, resolve_backend, write_kv_cache
+from .ops import paged_decode_attention, write_kv_cache
 
 
 # The dtypes the decode kernels compute in (fp32 accumulation).
@@ -119,8 +119,6 @@ class PagedKVCache:
         self.dtype, self.device, self.backend = dtype, torch.device(device), backend
         self.cache_dtype = _page_dtype(cache_dtype, dtype)
         self.quantized = is_quantized(self.cache_dtype)
-        if self.quantized and backend == "cuda":   # refused now rather than at the first append
-            resolve_backend(backend, self.device, quantized=True)
         static = static_scales(k_scale, v_scale, self.quantized, num_layers, num_kv_heads, self.device)
         scale_bytes = 0 if static or not self.quantized else 4                   # fp32 per token and KV head
         element = self.cache_dtype.itemsize

@@ -21,12 +21,15 @@ from .split import MIN_SPLIT_TOKENS, choose_num_splits, ctas_per_sm, num_sms
 SUPPORTED_HEAD_DIMS = (32, 64, 80, 96, 128, 256)
 MIN_BLOCK_SIZE, MAX_BLOCK_SIZE = 8, 256
 CSRC_DIR = Path(__file__).resolve().parent.parent / "csrc"
-SOURCES = ("ops.cpp", "paged_decode_fp16.cu", "paged_decode_bf16.cu", "paged_decode_fp32.cu", "write_kv.cu")
+SOURCES = ("ops.cpp", "paged_decode_fp16.cu", "paged_decode_bf16.cu", "paged_decode_fp32.cu", "paged_decode_fp8.cu",
+           "paged_decode_int8.cu", "write_kv.cu")
 _JIT_NAME = "kvkernels_cuda"
-# Registers per thread of csrc's decode kernel on sm_90, the most over head dims, by (element bytes, group
-# tile): `ptxas -v`, nvcc 13.0, 2026-11-24 (tests/test_cuda_ext.py's compile test fails if a build needs
-# more). With its 128 threads and at most 1056 bytes of shared memory they give the CTAs per SM the split uses.
-SM90_DECODE_REGISTERS = {(2, 1): 72, (2, 2): 96, (2, 4): 123, (2, 8): 222,
+# Registers per thread of csrc's decode kernel on sm_90, the most over head dims (and, for 1-byte fp8 / int8
+# pages, over q's dtypes), by (page element bytes, group tile): `ptxas -v`, nvcc 13.0, 2026-11-24
+# (tests/test_cuda_ext.py's compile test fails if a build needs more). With its 128 threads and at most 1056 bytes
+# of shared memory they give the CTAs per SM the split uses.
+SM90_DECODE_REGISTERS = {(1, 1): 112, (1, 2): 122, (1, 4): 158, (1, 8): 216,
+                         (2, 1): 72, (2, 2): 96, (2, 4): 123, (2, 8): 222,
                          (4, 1): 107, (4, 2): 122, (4, 4): 134, (4, 8): 223}
 DECODE_THREADS, DECODE_SHARED_BYTES = 128, 1056
 MAX_GROUP_TILE = 8  # csrc/kvkernels.h kMaxGroupTile
@@ -135,11 +138,11 @@ def _jit_build():
 # Fake (meta) implementations for torch.compile: both ops only write into their preallocated `Tensor!`
 # arguments and return nothing. Argument names follow the schemas in csrc/ops.cpp.
 def _decode_fake(q, k_cache, v_cache, block_tables, seq_lens, scale, min_split_tokens, max_splits,
-                 out, partial_out, partial_lse):
+                 out, partial_out, partial_lse, k_scale=None, v_scale=None):
     return None
 
 
-def _write_fake(k, v, k_cache, v_cache, slot_mapping):
+def _write_fake(k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None):
     return None
 
 
@@ -185,31 +188,34 @@ def head_chunking(group: int):
     return chunks, 1 << (-(-group // chunks) - 1).bit_length()
 
 
-def decode_ctas_per_sm(element_size: int, group: int) -> int:
+def decode_ctas_per_sm(page_element_size: int, group: int) -> int:
     """CTAs per SM of the CUDA decode kernel on sm_90, from its registers (static: no GPU query needed)."""
-    registers = SM90_DECODE_REGISTERS[(max(element_size, 2), head_chunking(group)[1])]
+    registers = SM90_DECODE_REGISTERS[(page_element_size, head_chunking(group)[1])]
     return ctas_per_sm(registers, DECODE_SHARED_BYTES, DECODE_THREADS // 32)
 
 
-def default_num_splits(shape, dtype: torch.dtype, device: torch.device) -> int:
+def default_num_splits(shape, page_dtype: torch.dtype, device: torch.device) -> int:
     """Split count from the CUDA kernel's occupancy, with the Triton backend's rule (kvkernels.split)."""
     group = shape.num_heads // shape.num_kv_heads
     chunks, _ = head_chunking(group)
     return choose_num_splits(shape.batch, shape.num_kv_heads * chunks, shape.max_blocks_per_seq * shape.block_size,
-                             num_sms(device), decode_ctas_per_sm(dtype.itemsize, group))
+                             num_sms(device), decode_ctas_per_sm(page_dtype.itemsize, group))
 
 
-def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, shape, scale, out):
+def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, shape, scale, out, k_scale=None,
+                           v_scale=None):
     """Runs the CUDA decode kernel (and the split merge when splitting) into `out`. Inputs checked by kvkernels.ops.
 
     Args:
         q: [B, H, D] fp16 / bf16 / fp32.
-        k_cache, v_cache: [num_blocks, block_size, H_kv, D], q's dtype, last dim contiguous, 16-byte aligned rows.
+        k_cache, v_cache: [num_blocks, block_size, H_kv, D], q's dtype or float8_e4m3fn / int8, last dim contiguous,
+            16-byte aligned rows.
         block_tables: int32 [B, max_blocks_per_seq].
         seq_lens: int32 [B].
         shape: the `kvkernels._validate.DecodeShape` of these inputs.
         scale: softmax scale (float).
         out: [B, H, D] in q's dtype, last dim contiguous; written in place.
+        k_scale, v_scale: fp32, only with fp8 / int8 pages: [num_blocks, block_size, H_kv] or [H_kv] (static).
     """
     _require_loaded()
     check_supported(shape.head_dim, shape.block_size)
@@ -219,7 +225,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, shape, s
     if out.numel() == 0:
         return
     # Same static maximum as the Triton backend: from the table's capacity, never from seq_lens (no sync).
-    max_splits = default_num_splits(shape, q.dtype, q.device)
+    max_splits = default_num_splits(shape, k_cache.dtype, q.device)
     if max_splits > 1:
         partial_out = torch.empty(shape.batch, shape.num_heads, max_splits, shape.head_dim,
                                   device=q.device, dtype=torch.float32)
@@ -228,13 +234,16 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, shape, s
         partial_out = torch.empty(0, device=q.device, dtype=torch.float32)
         partial_lse = torch.empty(0, device=q.device, dtype=torch.float32)
     torch.ops.kvkernels.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, float(scale),
-                                               MIN_SPLIT_TOKENS, max_splits, out, partial_out, partial_lse)
+                                               MIN_SPLIT_TOKENS, max_splits, out, partial_out, partial_lse,
+                                               k_scale, v_scale)
 
 
-def write_kv_cache(k, v, k_cache, v_cache, slot_mapping):
+def write_kv_cache(k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None):
     """Writes k, v [N, H_kv, D] (any strides) into k_cache, v_cache [num_blocks, block_size, H_kv, D] at
-    slot_mapping int64 [N] (-1 skips). Inputs already checked by kvkernels.ops."""
+    slot_mapping int64 [N] (-1 skips). fp8 / int8 pages store each row quantized, with its fp32 scale written to
+    k_scale, v_scale [num_blocks, block_size, H_kv] or static [H_kv] scales read. Inputs already checked by
+    kvkernels.ops."""
     _require_loaded()
     if k.shape[0] == 0:
         return
-    torch.ops.kvkernels.write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
+    torch.ops.kvkernels.write_kv_cache(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)

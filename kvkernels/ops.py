@@ -61,13 +61,13 @@ def auto_decode_backend(shape, device: torch.device) -> str:
 
 def resolve_backend(backend: str, device: torch.device, shape=None, quantized=False, windowed=False) -> str:
     """Maps "auto" to the fastest backend for `device` (and the decode `shape`, when given) and checks that an
-    explicit choice can run there. fp8 / int8 pages (`quantized`) and window starts (`windowed`) run on Triton or
-    the reference only: the CUDA backend has neither."""
+    explicit choice can run there. Window starts (`windowed`) run on Triton or the reference only: the CUDA
+    backend has none. fp8 / int8 pages (`quantized`) run on every backend; "auto" picks Triton for them, whose
+    quantized kernels were measured on the H100, until a GPU run of the CUDA ones (csrc/) ranks the two."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    cuda_lacks = "fp8 / int8 page kernels" if quantized else "seq_starts (sliding window)" if windowed else None
     if backend == "auto":
-        if cuda_lacks:
+        if quantized or windowed:
             return "triton" if triton_available(device) else "torch"
         if shape is not None:
             return auto_decode_backend(shape, device)
@@ -77,9 +77,9 @@ def resolve_backend(backend: str, device: torch.device, shape=None, quantized=Fa
                            "set before triton is imported to run on the CPU")
     if backend == "cuda":
         from . import cuda_ext
-        if cuda_lacks:
-            raise NotImplementedError(f"backend='cuda' has no {cuda_lacks} yet: use backend='triton' (or 'auto', "
-                                      "which picks it here)")
+        if windowed:
+            raise NotImplementedError("backend='cuda' has no seq_starts (sliding window) yet: use backend='triton' "
+                                      "(or 'auto', which picks it here)")
         if device.type != "cuda":
             raise RuntimeError(f"backend='cuda' needs CUDA tensors, got tensors on {device}")
         if cuda_ext.load() is None:
@@ -142,7 +142,8 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, *, scale
                                                    seq_starts=seq_starts))
     elif backend == "cuda":
         from . import cuda_ext
-        cuda_ext.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, shape, scale, out)
+        cuda_ext.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, shape, scale, out,
+                                        k_scale=k_scale, v_scale=v_scale)
     else:
         from . import triton_decode
         triton_decode.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, shape, scale, out,
@@ -177,7 +178,7 @@ def write_kv_cache(k, v, k_cache, v_cache, slot_mapping, *, k_scale=None, v_scal
                                  validate=False)
     elif backend == "cuda":
         from . import cuda_ext
-        cuda_ext.write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
+        cuda_ext.write_kv_cache(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
     else:
         from . import triton_write_kv
         triton_write_kv.write_kv_cache(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)

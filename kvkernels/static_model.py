@@ -256,24 +256,28 @@ def model_point(point: DecodePoint, sms: int = SMS) -> list:
 
 
 def cuda_round_tokens(point: DecodePoint) -> int:
-    """Tokens one CTA of csrc's decode kernel loads per round (csrc/paged_decode.cuh DecodeConfig)."""
-    vecs = point.head_dim * getattr(torch, point.dtype).itemsize // 16
+    """Tokens one CTA of csrc's decode kernel loads per round (csrc/paged_decode.cuh DecodeConfig): 16-byte
+    vectors, 8-byte ones for 1-byte pages, whose lane groups take twice the tokens up to a group tile of 4."""
+    page_bytes = getattr(torch, point.cache_dtype or point.dtype).itemsize
+    vec_bytes = 8 if page_bytes == 1 else 16
+    vecs = point.head_dim * page_bytes // vec_bytes
     lanes = min(1 << (vecs - 1).bit_length(), 32)
     _, group_tile = cuda_ext.head_chunking(point.num_heads // point.num_kv_heads)
-    return 128 // lanes * (2 if group_tile >= 4 else 4)
+    tokens = (2 if group_tile >= 4 else 4) * (2 if vec_bytes == 8 and group_tile <= 4 else 1)
+    return 128 // lanes * tokens
 
 
 def model_cuda_point(point: DecodePoint, sms: int = SMS) -> dict:
-    """The CUDA kernel at `point` from its sm_90 register table: a round's K and V rows issued together,
-    the next round's table entry looked up ahead (one DRAM latency per round)."""
-    itemsize = getattr(torch, point.dtype).itemsize
+    """The CUDA kernel at `point` from its sm_90 register table: a round's K and V rows (and fp8 / int8 pages'
+    scales) issued together, the next round's table entry looked up ahead (one DRAM latency per round)."""
+    page_bytes = getattr(torch, point.cache_dtype or point.dtype).itemsize
     group = point.num_heads // point.num_kv_heads
     chunks, _ = cuda_ext.head_chunking(group)
-    ctas = cuda_ext.decode_ctas_per_sm(itemsize, group)
+    ctas = cuda_ext.decode_ctas_per_sm(page_bytes, group)
     splits = split.choose_num_splits(point.batch, point.num_kv_heads * chunks, point.context, sms, ctas,
                                      cuda_round_tokens(point))
     programs = point.batch * point.num_kv_heads * chunks * splits
-    per_cta = cuda_round_tokens(point) * point.head_dim * itemsize * 2
+    per_cta = cuda_round_tokens(point) * (point.head_dim * page_bytes + (4 if point.cache_dtype else 0)) * 2
     return _throughput(dict(point=point.name, kernel="cuda paged_decode_kernel", splits=splits, programs=programs,
                             ctas_per_sm=ctas, bytes_in_flight_per_cta=per_cta), sms)
 
@@ -335,21 +339,25 @@ def kv_bytes(point: DecodePoint) -> int:
 
 
 def quant_speedups(points=QUANT_POINTS) -> list:
-    """Per point and page dtype: the main decode kernel's modelled time (K/V bytes / modelled TB/s; the merge and
-    launch overheads left out, so short contexts are flattered) and its speed-up over fp16 pages."""
+    """Per point, backend and page dtype: the main decode kernel's modelled time (K/V bytes / modelled TB/s; the
+    merge and launch overheads left out, so short contexts are flattered) and its speed-up over the same backend's
+    fp16 pages."""
     rows = []
     for point in points:
-        base_us = None
-        for cache_dtype in (None, "float8_e4m3fn", "int8"):
-            quant_point = dataclasses.replace(point, cache_dtype=cache_dtype)
-            main_row = model_point(quant_point)[0]
-            us = kv_bytes(quant_point) / (main_row["modelled_tb_s"] * 1e12) * 1e6
-            base_us = base_us or us
-            rows.append(dict(point=point.name, pages=cache_dtype or point.dtype, splits=main_row["splits"],
-                             ctas_per_sm=main_row["ctas_per_sm"], waves=main_row["waves"],
-                             bytes_in_flight_per_sm=main_row["bytes_in_flight_per_sm"],
-                             modelled_tb_s=main_row["modelled_tb_s"], kv_mib=round(kv_bytes(quant_point) / 2**20, 2),
-                             modelled_us=round(us, 2), speedup=round(base_us / us, 2)))
+        for backend, model in (("triton", lambda p: model_point(p)[0]), ("cuda", model_cuda_point)):
+            base_us = None
+            for cache_dtype in (None, "float8_e4m3fn", "int8"):
+                quant_point = dataclasses.replace(point, cache_dtype=cache_dtype)
+                main_row = model(quant_point)
+                us = kv_bytes(quant_point) / (main_row["modelled_tb_s"] * 1e12) * 1e6
+                base_us = base_us or us
+                rows.append(dict(point=point.name, backend=backend, pages=cache_dtype or point.dtype,
+                                 splits=main_row["splits"],
+                                 ctas_per_sm=main_row["ctas_per_sm"], waves=main_row["waves"],
+                                 bytes_in_flight_per_sm=main_row["bytes_in_flight_per_sm"],
+                                 modelled_tb_s=main_row["modelled_tb_s"],
+                                 kv_mib=round(kv_bytes(quant_point) / 2**20, 2), modelled_us=round(us, 2),
+                                 speedup=round(base_us / us, 2)))
     return rows
 
 

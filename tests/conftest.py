@@ -20,12 +20,6 @@ def kernel_backends():
     return backends
 
 
-def quant_backends():
-    """Backends with fp8 / int8 page kernels: the CUDA backend has none (it raises NotImplementedError, which
-    test_quant checks)."""
-    return [backend for backend in kernel_backends() if backend != "cuda"]
-
-
 @pytest.fixture
 def device():
     return DEVICE

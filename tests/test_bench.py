@@ -100,11 +100,13 @@ def test_kernels_quick_outputs(kernels_run):
             assert cell["status"] == "ok", (point["shape"], point["batch"], point["context"], name, cell)
             assert cell["us"] > 0 and cell["gbps"] > 0 and cell["pct_copy"] > 0
             assert cell["check"] and math.isfinite(cell["max_abs_err"]) and cell["max_abs_err"] <= cell["tolerance"]
-        cuda = point["columns"]["cuda"]
-        assert cuda["status"] == "ok" or (cuda["status"] in ("unavailable", "failed") and cuda["error"])
+        for name in ("cuda", "cuda_fp8", "cuda_int8"):
+            cuda = point["columns"][name]
+            assert cuda["status"] == "ok" or (cuda["status"] in ("unavailable", "failed") and cuda["error"])
     markdown = (out / "kernels.md").read_text()
     assert "Issue-2 targets" in markdown and "kvkernels triton" in markdown and "torch SDPA" in markdown
     assert "Issue-14 targets" in markdown and "kvkernels triton int8 pages" in markdown
+    assert "kvkernels cuda fp8 pages" in markdown
     assert {t["verdict"] for t in saved["quant_targets"]} == {"not in this run"}  # the quick grid has no 16k
     assert_smoke_run_labelled(markdown)
     # The quick copy is smaller than a full run's, and its % columns say whose copy they are of.

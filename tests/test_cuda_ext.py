@@ -70,16 +70,67 @@ def test_csrc_compiles_for_sm80_and_sm90_without_spills(tmp_path):
     assert spills and all(n == "0" for n in spills), f"register spills in ptxas output:\n{ptxas[-4000:]}"
     entries = set(re.findall(r"Compiling entry function '(\w+)' for 'sm_(\d+)'", ptxas))
     decode_kernels = {name for name, _ in entries if "paged_decode_kernel" in name}
-    assert len(decode_kernels) == 3 * len(cuda_ext.SUPPORTED_HEAD_DIMS) * 4  # dtypes x head dims x group tiles
+    # (q dtypes: own pages + fp8 + int8 pages) x head dims x group tiles
+    assert len(decode_kernels) == 3 * 3 * len(cuda_ext.SUPPORTED_HEAD_DIMS) * 4
     assert {arch for _, arch in entries} == set(COMPILE_ARCHS)
     # The split count trusts cuda_ext's register table for the occupancy: no sm_90 build may need more.
-    used = [re.search(r"^ '\w*paged_decode_kernelI(\w+?)Li\d+ELi(\d+)E\w*' for 'sm_90'.*?Used (\d+) registers", entry,
-                      re.DOTALL) for entry in ptxas.split("Compiling entry function")]
+    # Mangled template arguments: q's type (float, __half, __nv_bfloat16), then the page type: a back-reference
+    # to q's (S1_) or float again for its own pages, __nv_fp8_e4m3 or signed char (a) for 1-byte pages.
+    kernel = (r"^ '\w*paged_decode_kernelI(f|6__half|13__nv_bfloat16)(f|S1_|13__nv_fp8_e4m3|a)Li\d+ELi(\d+)E\w*' "
+              r"for 'sm_90'.*?Used (\d+) registers")
+    used = [re.search(kernel, entry, re.DOTALL) for entry in ptxas.split("Compiling entry function")]
     used = [m.groups() for m in used if m]
     assert len(used) == len(decode_kernels), "one register count per sm_90 decode kernel"
-    for scalar, tile, registers in used:
-        element_size = 4 if scalar == "f" else 2
-        assert int(registers) <= cuda_ext.SM90_DECODE_REGISTERS[(element_size, int(tile))], (scalar, tile, registers)
+    for scalar, pages, tile, registers in used:
+        element_size = 1 if pages in ("13__nv_fp8_e4m3", "a") else 4 if scalar == "f" else 2
+        key = (element_size, int(tile))
+        assert int(registers) <= cuda_ext.SM90_DECODE_REGISTERS[key], (scalar, pages, tile, registers)
+
+
+ROUND_LAYOUT = """
+#include <cstdio>
+#include "paged_decode.cuh"
+using namespace kvkernels;
+template <typename KT, int HEAD_DIM>
+void print_tiles(const char* pages) {
+  printf("%s %d 1 %d\\n", pages, HEAD_DIM, DecodeConfig<KT, HEAD_DIM, 1>::kRoundTokens);
+  printf("%s %d 2 %d\\n", pages, HEAD_DIM, DecodeConfig<KT, HEAD_DIM, 2>::kRoundTokens);
+  printf("%s %d 4 %d\\n", pages, HEAD_DIM, DecodeConfig<KT, HEAD_DIM, 4>::kRoundTokens);
+  printf("%s %d 8 %d\\n", pages, HEAD_DIM, DecodeConfig<KT, HEAD_DIM, 8>::kRoundTokens);
+}
+template <typename KT>
+void print_head_dims(const char* pages) {
+  print_tiles<KT, 32>(pages); print_tiles<KT, 64>(pages); print_tiles<KT, 80>(pages);
+  print_tiles<KT, 96>(pages); print_tiles<KT, 128>(pages); print_tiles<KT, 256>(pages);
+}
+int main() {
+  print_head_dims<float>("float32");
+  print_head_dims<__half>("float16");
+  print_head_dims<__nv_bfloat16>("bfloat16");
+  print_head_dims<__nv_fp8_e4m3>("float8_e4m3fn");
+  print_head_dims<int8_t>("int8");
+}
+"""
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH: cannot compile csrc/")
+def test_static_model_reads_the_kernels_round_layout(tmp_path):
+    """The static model's tokens per CTA round (its bytes in flight and split tile) are the compiled kernel's:
+    a host program prints csrc's DecodeConfig for every page dtype, head dim and group tile."""
+    from kvkernels import static_model
+    (tmp_path / "layout.cu").write_text(ROUND_LAYOUT)
+    build = subprocess.run([NVCC, "-std=c++17", f"-I{cuda_ext.CSRC_DIR}", "-o", str(tmp_path / "layout"),
+                            str(tmp_path / "layout.cu")], capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr[-3000:]
+    printed = subprocess.run([str(tmp_path / "layout")], capture_output=True, text=True, check=True).stdout.splitlines()
+    rows = [line.split() for line in printed if line]
+    assert len(rows) == 5 * len(cuda_ext.SUPPORTED_HEAD_DIMS) * 4
+    for pages, head_dim, tile, round_tokens in rows:
+        quantized = pages in ("float8_e4m3fn", "int8")
+        point = static_model.DecodePoint("layout", dtype="float16" if quantized else pages, num_heads=int(tile),
+                                         num_kv_heads=1, head_dim=int(head_dim), block_size=16, batch=1, context=1024,
+                                         cache_dtype=pages if quantized else None)
+        assert static_model.cuda_round_tokens(point) == int(round_tokens), (pages, head_dim, tile)
 
 
 def test_op_schemas_parse_and_match_the_fake_implementations():
@@ -95,7 +146,9 @@ def test_op_schemas_parse_and_match_the_fake_implementations():
         assert schema.returns == []
         written = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
         assert written == ({"out", "partial_out", "partial_lse"} if schema.name == "paged_decode_attention"
-                           else {"k_cache", "v_cache"})
+                           else {"k_cache", "v_cache", "k_scale", "v_scale"})  # fp8 / int8 rows' scales
+        optional = [a.name for a in schema.arguments if a.has_default_value()]
+        assert optional == ["k_scale", "v_scale"]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -208,7 +261,8 @@ def assert_matches(out, expected, dtype, factor=1.0):
     torch.testing.assert_close(out.double(), expected, atol=tol, rtol=tol)
 
 
-def run_op(q, k_cache, v_cache, block_tables, seq_lens, max_splits, min_split_tokens=MIN_SPLIT_TOKENS, scale=None):
+def run_op(q, k_cache, v_cache, block_tables, seq_lens, max_splits, min_split_tokens=MIN_SPLIT_TOKENS, scale=None,
+           k_scale=None, v_scale=None):
     """The raw op with an explicit split count; output and partial buffers start as NaN."""
     batch, num_heads, head_dim = q.shape
     scale = head_dim ** -0.5 if scale is None else scale
@@ -219,8 +273,32 @@ def run_op(q, k_cache, v_cache, block_tables, seq_lens, max_splits, min_split_to
     else:  # unused without splits
         partial_out, partial_lse = torch.empty(0, device=q.device), torch.empty(0, device=q.device)
     torch.ops.kvkernels.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, min_split_tokens,
-                                               max_splits, out, partial_out, partial_lse)
+                                               max_splits, out, partial_out, partial_lse, k_scale, v_scale)
     return out
+
+
+def quantize_case(case, cache_dtype, static=False):
+    """make_case's fp pages as fp8 / int8 pages with per-token (or static per-head) fp32 scales. Unused slots keep
+    their NaN poison in NaN per-token scales (and NaN fp8 pages). Returns (q, k_pages, v_pages, block_tables,
+    seq_lens, k_scale, v_scale)."""
+    q, k_cache, v_cache, block_tables, seq_lens = case
+    num_blocks, block_size, heads, dim = k_cache.shape
+    quantized = []
+    for cache in (k_cache, v_cache):
+        rows = cache.float().reshape(-1, heads, dim)
+        scale = torch.rand(heads, device=cache.device) * 0.01 + 0.02 if static else None
+        pages, scales = reference.quantize(rows, cache_dtype, scale)
+        scales = torch.where(rows.isnan().any(-1), float("nan"), scales)
+        quantized += [pages.view(cache.shape), scale if static else scales.view(num_blocks, block_size, heads)]
+    return q, quantized[0], quantized[2], block_tables, seq_lens, quantized[1], quantized[3]
+
+
+def expected_quantized(q, k_pages, v_pages, block_tables, seq_lens, k_scale, v_scale):
+    return reference.paged_decode_attention(q.double(), k_pages, v_pages, block_tables, seq_lens,
+                                            k_scale=k_scale, v_scale=v_scale).double()
+
+
+QUANT_DTYPES = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}
 
 
 @pytest.fixture(scope="module")
@@ -289,6 +367,75 @@ def test_cuda_agrees_with_triton(cuda_backend, dtype, num_heads, num_kv_heads, h
     out_cuda = kvkernels.paged_decode_attention(*case, backend="cuda")
     out_triton = kvkernels.paged_decode_attention(*case, backend="triton")
     assert_matches(out_cuda, out_triton.double(), dtype, factor=2.0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# GPU: fp8 / int8 pages (1-byte vectors, per-token or static scales, their own round layout)
+# ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pages", QUANT_DTYPES)
+@pytest.mark.parametrize("head_dim", [32, 64, 80, 96, 128, 256])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_quantized_pages_every_head_dim_and_dtype_match_reference(cuda_backend, pages, head_dim, dtype):
+    for block_size in (8, 32):
+        lens = [1, block_size, block_size + 1, 700]  # block edges; 700 splits
+        case = quantize_case(make_case(lens, 4, 2, head_dim, block_size, dtype, seed=head_dim + block_size),
+                             QUANT_DTYPES[pages])
+        expected = expected_quantized(*case)
+        q, k, v, tables, lens_t, k_scale, v_scale = case
+        out = kvkernels.paged_decode_attention(q, k, v, tables, lens_t, k_scale=k_scale, v_scale=v_scale,
+                                               backend="cuda")
+        assert_matches(out, expected, dtype)
+        assert_matches(run_op(q, k, v, tables, lens_t, max_splits=1, k_scale=k_scale, v_scale=v_scale), expected,
+                       dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pages", QUANT_DTYPES)
+@pytest.mark.parametrize("group", [1, 2, 3, 4, 8, 12, 32])
+@pytest.mark.parametrize("static", [False, True], ids=["per-token", "static"])
+def test_quantized_pages_grouped_heads_and_static_scales(cuda_backend, pages, group, static):
+    case = quantize_case(make_case([3, 300, 64], 2 * group, 2, 128, 16, torch.float16, seed=group),
+                         QUANT_DTYPES[pages], static=static)
+    q, k, v, tables, lens, k_scale, v_scale = case
+    out = kvkernels.paged_decode_attention(q, k, v, tables, lens, k_scale=k_scale, v_scale=v_scale, backend="cuda")
+    assert_matches(out, expected_quantized(*case), torch.float16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pages", QUANT_DTYPES)
+@pytest.mark.parametrize("max_splits", [2, 7, 64])
+def test_quantized_pages_forced_splits_with_poisoned_partials(cuda_backend, pages, max_splits):
+    case = quantize_case(make_case([1, 17, 255, 257, 1000, 2048], 4, 4, 64, 16, torch.float32, seed=max_splits),
+                         QUANT_DTYPES[pages])
+    q, k, v, tables, lens, k_scale, v_scale = case
+    out = run_op(q, k, v, tables, lens, max_splits=max_splits, min_split_tokens=16, k_scale=k_scale,
+                 v_scale=v_scale)
+    assert_matches(out, expected_quantized(*case), torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pages", QUANT_DTYPES)
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(12, 12, 64), (8, 2, 128)])
+def test_quantized_pages_cuda_agrees_with_triton(cuda_backend, pages, num_heads, num_kv_heads, head_dim):
+    case = quantize_case(make_case([7, 129, 1500, 33], num_heads, num_kv_heads, head_dim, 16, torch.bfloat16),
+                         QUANT_DTYPES[pages])
+    q, k, v, tables, lens, k_scale, v_scale = case
+    outs = [kvkernels.paged_decode_attention(q, k, v, tables, lens, k_scale=k_scale, v_scale=v_scale, backend=b)
+            for b in ("cuda", "triton")]
+    assert_matches(outs[0], outs[1].double(), torch.bfloat16, factor=2.0)
+
+
+@pytest.mark.gpu
+def test_quantized_write_refuses_rows_wider_than_a_warp_holds(cuda_backend):
+    pages = torch.zeros(2, 8, 1, 512, device="cuda", dtype=torch.int8)
+    scales = torch.zeros(2, 8, 1, device="cuda")
+    rows = torch.randn(1, 1, 512, device="cuda")
+    with pytest.raises(RuntimeError, match="head_dim <= 256"):
+        torch.ops.kvkernels.write_kv_cache(rows, rows, pages, pages.clone(), torch.zeros(1, dtype=torch.long,
+                                                                                          device="cuda"),
+                                           scales, scales.clone())
 
 
 @pytest.mark.gpu
@@ -460,6 +607,20 @@ SANITIZED_RUN = textwrap.dedent("""
                                                    max_splits, out, partial_out, partial_lse)
     kvkernels.write_kv_cache(q[:, :2], q[:, 2:], k_cache, v_cache, torch.tensor([191, -1], device="cuda"),
                              backend="cuda")
+    for page_dtype in (torch.float8_e4m3fn, torch.int8):  # 1-byte pages: 8-byte loads, per-token scales
+        k_pages = torch.zeros(12, 16, 2, 64, device="cuda", dtype=page_dtype)
+        v_pages = torch.zeros_like(k_pages)
+        k_scale = torch.ones(12, 16, 2, device="cuda")
+        v_scale = torch.ones_like(k_scale)
+        slots = torch.arange(192, device="cuda")
+        kvkernels.write_kv_cache(k_cache.view(-1, 2, 64), v_cache.view(-1, 2, 64), k_pages, v_pages, slots,
+                                 k_scale=k_scale, v_scale=v_scale, backend="cuda")
+        kvkernels.paged_decode_attention(q, k_pages, v_pages, tables, lens, k_scale=k_scale, v_scale=v_scale,
+                                         backend="cuda")
+        out = torch.empty_like(q)
+        torch.ops.kvkernels.paged_decode_attention(q, k_pages, v_pages, tables.abs(), lens * 100, 0.125, 16, 4, out,
+                                                   torch.empty(2, 4, 4, 64, device="cuda"),
+                                                   torch.empty(2, 4, 4, device="cuda"), k_scale, v_scale)
     torch.cuda.synchronize()
     print("sanitized run done")
 """)

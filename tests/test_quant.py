@@ -8,7 +8,7 @@ import torch
 import kvkernels
 from kvkernels import reference, triton_decode
 from kvkernels._validate import check_decode_inputs
-from conftest import DEVICE, quant_backends
+from conftest import DEVICE, kernel_backends
 from helpers import TOLERANCE, make_problem, nan_output
 
 CACHE_DTYPES = [torch.float8_e4m3fn, torch.int8]
@@ -17,10 +17,13 @@ IDS = ["fp8", "int8"]
 
 def quantize_pool(pool, cache_dtype, static_scale=None):
     """[num_blocks, block_size, H_kv, D] float pool -> (pages, scales) as write_kv_cache stores them. NaN rows
-    (free slots) give NaN scales (and NaN fp8 pages): a kernel that reads one shows it."""
+    (free slots) get NaN per-token scales (and NaN fp8 pages): a kernel that reads one shows it. (quantize alone
+    would give them scale 1 and, for int8, zeros: no poison.)"""
     num_blocks, block_size, heads, dim = pool.shape
-    pages, scales = reference.quantize(pool.reshape(-1, heads, dim), cache_dtype, static_scale)
+    rows = pool.reshape(-1, heads, dim)
+    pages, scales = reference.quantize(rows, cache_dtype, static_scale)
     if static_scale is None:
+        scales = torch.where(rows.isnan().any(-1), float("nan"), scales)
         return pages.view(pool.shape), scales.reshape(num_blocks, block_size, heads)
     return pages.view(pool.shape), static_scale
 
@@ -39,34 +42,44 @@ def quantized_problem(lens, cache_dtype, *, per_token=True, dtype=torch.float16,
     return p, k_pages, v_pages, k_scale, v_scale
 
 
-def check_decode(p, k_pages, v_pages, k_scale, v_scale, **kw):
-    """The Triton decode against the reference, within q's dtype tolerance relative to the output's magnitude."""
+# The kernel backends (fp8 / int8 pages in both): Triton, and CUDA where built (a GPU).
+KERNELS = [backend for backend in kernel_backends() if backend != "torch"]
+
+
+def check_decode(p, k_pages, v_pages, k_scale, v_scale, backend="triton", **kw):
+    """A decode kernel against the reference, within q's dtype tolerance relative to the output's magnitude.
+    Triton's is launched directly, so `kw` can force its split layout."""
     args = (p.q, k_pages, v_pages, p.block_tables, p.seq_lens)
     expected = reference.paged_decode_attention(*args, k_scale=k_scale, v_scale=v_scale).float()
     out = nan_output(p.q)
-    triton_decode.paged_decode_attention(*args, check_decode_inputs(*args), p.q.shape[-1] ** -0.5, out,
-                                         k_scale=k_scale, v_scale=v_scale, **kw)
+    if backend == "triton":
+        triton_decode.paged_decode_attention(*args, check_decode_inputs(*args), p.q.shape[-1] ** -0.5, out,
+                                             k_scale=k_scale, v_scale=v_scale, **kw)
+    else:
+        kvkernels.paged_decode_attention(*args, k_scale=k_scale, v_scale=v_scale, backend=backend, out=out)
     assert not out.isnan().any(), "output has unwritten (NaN) elements or read a free slot or its scale"
     tol = TOLERANCE[p.q.dtype]
     torch.testing.assert_close(out.float(), expected, rtol=tol, atol=tol * float(expected.abs().max()))
 
 
+@pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize("cache_dtype", CACHE_DTYPES, ids=IDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("heads", [(2, 2), (8, 2), (6, 2)], ids=["mha", "gqa4", "gqa3"])
 @pytest.mark.parametrize("per_token", [True, False], ids=["per-token", "static"])
-def test_triton_decode_matches_quantized_reference(cache_dtype, dtype, heads, per_token):
+def test_decode_matches_quantized_reference(backend, cache_dtype, dtype, heads, per_token):
     p, *pool = quantized_problem([1, 23, 70], cache_dtype, per_token=per_token, dtype=dtype, num_heads=heads[0],
                                  num_kv_heads=heads[1], head_dim=64, device=DEVICE)
-    check_decode(p, *pool)
+    check_decode(p, *pool, backend=backend)
 
 
+@pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize("cache_dtype", CACHE_DTYPES, ids=IDS)
 @pytest.mark.parametrize("head_dim", [32, 80, 128, 256])
-def test_triton_decode_head_dims(cache_dtype, head_dim):
+def test_decode_head_dims(backend, cache_dtype, head_dim):
     p, *pool = quantized_problem([9, 40], cache_dtype, dtype=torch.float32, num_heads=2, num_kv_heads=1,
                                  head_dim=head_dim, block_size=8, device=DEVICE)
-    check_decode(p, *pool)
+    check_decode(p, *pool, backend=backend)
 
 
 @pytest.mark.parametrize("cache_dtype", CACHE_DTYPES, ids=IDS)
@@ -98,7 +111,7 @@ def test_triton_decode_fp16_long_flat_context_small_values(cache_dtype):
     check_decode(p, *pool)
 
 
-@pytest.mark.parametrize("backend", quant_backends())
+@pytest.mark.parametrize("backend", kernel_backends())
 @pytest.mark.parametrize("cache_dtype", CACHE_DTYPES, ids=IDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("per_token", [True, False], ids=["per-token", "static"])
@@ -134,8 +147,9 @@ def test_write_matches_reference(backend, cache_dtype, dtype, per_token):
         assert float(k_scale.view(-1, heads)[slots[0], 0]) == 1.0
 
 
+@pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize("cache_dtype", CACHE_DTYPES, ids=IDS)
-def test_quantize_rounds_to_nearest_even_at_every_exponent(cache_dtype):
+def test_quantize_rounds_to_nearest_even_at_every_exponent(backend, cache_dtype):
     """The write kernel rounds in fp32 before its cast: values across all of fp8's exponents and halfway
     cases must land where torch's own (round-to-nearest-even) cast puts them."""
     g = torch.Generator().manual_seed(5)
@@ -147,14 +161,14 @@ def test_quantize_rounds_to_nearest_even_at_every_exponent(cache_dtype):
     pages = torch.zeros(64, 1, 1, 256, dtype=cache_dtype, device=DEVICE)
     scale = torch.full((64, 1, 1), float("nan"), device=DEVICE)
     kvkernels.write_kv_cache(rows.to(DEVICE), rows.to(DEVICE), pages, pages.clone(), torch.arange(64, device=DEVICE),
-                             k_scale=scale, v_scale=scale.clone(), backend="triton")
+                             k_scale=scale, v_scale=scale.clone(), backend=backend)
     assert (scale == 1).all()
     expected = rows.clamp(-qmax, qmax)
     expected = (expected.round() if cache_dtype == torch.int8 else expected).to(cache_dtype)
     assert torch.equal(pages.view(torch.uint8).cpu().view(64, 256), expected.view(torch.uint8).view(64, 256))
 
 
-@pytest.mark.parametrize("backend", quant_backends())
+@pytest.mark.parametrize("backend", kernel_backends())
 @pytest.mark.parametrize("cache_dtype", CACHE_DTYPES, ids=IDS)
 def test_write_then_decode_round_trip(backend, cache_dtype):
     """Tokens written step by step into NaN-poisoned pages and scales decode like dense attention over the
@@ -240,6 +254,7 @@ def test_bad_scale_inputs_raise(cache_dtype):
     with pytest.raises(ValueError, match="need k_scale"):
         kvkernels.write_kv_cache(p.q[:, :2].float(), p.q[:, :2].float(), k_pages, v_pages,
                                  torch.zeros(1, dtype=torch.int64))
-    with pytest.raises(NotImplementedError, match="no fp8 / int8"):
+    # the CUDA backend has fp8 / int8 kernels (it once raised NotImplementedError here); "auto" keeps Triton's
+    with pytest.raises(RuntimeError, match="needs CUDA tensors"):
         kvkernels.ops.resolve_backend("cuda", torch.device("cpu"), quantized=True)
     assert kvkernels.ops.resolve_backend("auto", torch.device("cuda"), quantized=True) == "triton"

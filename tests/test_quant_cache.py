@@ -5,7 +5,7 @@ import torch
 
 import kvkernels
 from kvkernels import reference
-from conftest import DEVICE, quant_backends
+from conftest import DEVICE, kernel_backends
 from helpers import make_decoder, make_gpt2, padded_batch
 
 QUANT = ["fp8", "int8"]
@@ -24,7 +24,7 @@ def test_memory_counts_scales_and_the_same_budget_holds_about_twice_the_tokens()
     assert static.memory().bytes_per_token == 2 * 12 * 12 * 64 and static.k_scales[3].shape == (12,)
 
 
-@pytest.mark.parametrize("backend", quant_backends())
+@pytest.mark.parametrize("backend", kernel_backends())
 @pytest.mark.parametrize("static", [False, True], ids=["per-token", "static"])
 @pytest.mark.parametrize("cache_dtype", QUANT)
 def test_append_and_decode_match_the_quantized_reference(backend, static, cache_dtype):
@@ -64,8 +64,6 @@ def test_bad_cache_arguments_raise():
         kvkernels.PagedKVCache(2, 3, 16, cache_dtype="fp8", k_scale=torch.ones(2), v_scale=0.1, **kw)
     with pytest.raises(ValueError, match="> 0"):
         kvkernels.PagedKVCache(1, 1, 16, cache_dtype="fp8", k_scale=0.0, v_scale=0.1, **kw)
-    with pytest.raises(NotImplementedError, match="no fp8 / int8"):
-        kvkernels.PagedKVCache(1, 1, 16, cache_dtype="int8", backend="cuda", **kw)
     model = make_gpt2()
     ids, mask = padded_batch()
     with pytest.raises(ValueError, match="cache_dtype names"):
@@ -80,7 +78,7 @@ def test_generate_quantized_kernels_match_the_reference_path(cache_dtype):
     reference step picks, and the pages really are quantized (the tokens leave the fp32 cache's somewhere)."""
     model = make_gpt2(initializer_range=0.2, device=DEVICE)
     ids, mask = padded_batch(device=DEVICE)
-    backends = quant_backends()
+    backends = kernel_backends()
     outs = {b: kvkernels.generate(model, ids, mask, max_new_tokens=24, cache_dtype=cache_dtype, backend=b)
             for b in backends}
     for b in backends:
