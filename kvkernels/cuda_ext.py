@@ -20,6 +20,7 @@ from .split import MIN_SPLIT_TOKENS, choose_num_splits, ctas_per_sm, num_sms
 
 SUPPORTED_HEAD_DIMS = (32, 64, 80, 96, 128, 256)
 MIN_BLOCK_SIZE, MAX_BLOCK_SIZE = 8, 256
+MAX_QUANTIZED_HEAD_DIM = 256  # csrc/write_kv.cu kMaxQuantizedHeadDim
 CSRC_DIR = Path(__file__).resolve().parent.parent / "csrc"
 SOURCES = ("ops.cpp", "paged_decode_fp16.cu", "paged_decode_bf16.cu", "paged_decode_fp32.cu", "paged_decode_fp8.cu",
            "paged_decode_int8.cu", "write_kv.cu")
@@ -92,7 +93,20 @@ def _with_ops(module):
     for name in ("paged_decode_attention", "write_kv_cache"):
         if not hasattr(ops, name):
             return None, f"{module.__name__} loaded but did not register torch.ops.kvkernels.{name}"
+    stale = stale_schema(ops)
+    if stale:
+        return None, f"{module.__name__} is an older build: {stale}; rebuild it (KVKERNELS_BUILD_CUDA=1 pip install -e .)"
     return module, ""
+
+
+def stale_schema(ops) -> str:
+    """What a loaded library's ops lack that this module passes ("" when nothing): an ahead-of-time build from
+    before fp8 / int8 pages imports fine but would fail every call on its argument count."""
+    for name in ("paged_decode_attention", "write_kv_cache"):
+        arguments = [a.name for a in getattr(ops, name).default._schema.arguments]
+        if arguments[-2:] != ["k_scale", "v_scale"]:
+            return f"its {name} takes no k_scale / v_scale"
+    return ""
 
 
 def _jit_build():
@@ -170,6 +184,14 @@ def check_supported(head_dim: int, block_size: int) -> None:
                          f"from {MIN_BLOCK_SIZE} to {MAX_BLOCK_SIZE}")
 
 
+def check_quantized_write(k: torch.Tensor, k_cache: torch.Tensor) -> None:
+    """Raises ValueError for fp8 / int8 rows wider than the quantizing append holds (one warp, 8 values a lane).
+    The op checks the same (TORCH_CHECK)."""
+    if k_cache.element_size() == 1 and k.shape[-1] > MAX_QUANTIZED_HEAD_DIM:
+        raise ValueError(f"backend='cuda' quantizes rows of head_dim <= {MAX_QUANTIZED_HEAD_DIM}, got {k.shape[-1]}; "
+                         "use backend='triton'")
+
+
 def check_rows_aligned(cache: torch.Tensor, name: str) -> None:
     """Raises ValueError unless every cache row starts on 16 bytes: the kernel reads rows with 16-byte vector
     loads. The op checks the same (TORCH_CHECK); checking first gives a Python error however the extension was built."""
@@ -194,12 +216,16 @@ def decode_ctas_per_sm(page_element_size: int, group: int) -> int:
     return ctas_per_sm(registers, DECODE_SHARED_BYTES, DECODE_THREADS // 32)
 
 
-def default_num_splits(shape, page_dtype: torch.dtype, device: torch.device) -> int:
-    """Split count from the CUDA kernel's occupancy, with the Triton backend's rule (kvkernels.split)."""
-    group = shape.num_heads // shape.num_kv_heads
+def num_splits(batch: int, num_kv_heads: int, group: int, capacity: int, sms: int, page_element_size: int) -> int:
+    """Split count from the CUDA kernel's occupancy, with the Triton backend's rule (kvkernels.split); the static
+    model calls this too, so it models the count a launch uses."""
     chunks, _ = head_chunking(group)
-    return choose_num_splits(shape.batch, shape.num_kv_heads * chunks, shape.max_blocks_per_seq * shape.block_size,
-                             num_sms(device), decode_ctas_per_sm(page_dtype.itemsize, group))
+    return choose_num_splits(batch, num_kv_heads * chunks, capacity, sms, decode_ctas_per_sm(page_element_size, group))
+
+
+def default_num_splits(shape, page_dtype: torch.dtype, device: torch.device) -> int:
+    return num_splits(shape.batch, shape.num_kv_heads, shape.num_heads // shape.num_kv_heads,
+                      shape.max_blocks_per_seq * shape.block_size, num_sms(device), page_dtype.itemsize)
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, shape, scale, out, k_scale=None,
@@ -244,6 +270,7 @@ def write_kv_cache(k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=N
     k_scale, v_scale [num_blocks, block_size, H_kv] or static [H_kv] scales read. Inputs already checked by
     kvkernels.ops."""
     _require_loaded()
+    check_quantized_write(k, k_cache)
     if k.shape[0] == 0:
         return
     torch.ops.kvkernels.write_kv_cache(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)

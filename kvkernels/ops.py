@@ -59,14 +59,22 @@ def auto_decode_backend(shape, device: torch.device) -> str:
     return "triton"
 
 
+def _cuda_loads() -> bool:
+    from . import cuda_ext
+    return cuda_ext.load() is not None
+
+
 def resolve_backend(backend: str, device: torch.device, shape=None, quantized=False, windowed=False) -> str:
     """Maps "auto" to the fastest backend for `device` (and the decode `shape`, when given) and checks that an
     explicit choice can run there. Window starts (`windowed`) run on Triton or the reference only: the CUDA
     backend has none. fp8 / int8 pages (`quantized`) run on every backend; "auto" picks Triton for them, whose
-    quantized kernels were measured on the H100, until a GPU run of the CUDA ones (csrc/) ranks the two."""
+    quantized kernels were measured on the H100, until a GPU run of the CUDA ones (csrc/) ranks the two (CUDA
+    where Triton is not installed)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
+        if quantized and not triton_available(device) and device.type == "cuda" and _cuda_loads():
+            return "cuda"
         if quantized or windowed:
             return "triton" if triton_available(device) else "torch"
         if shape is not None:

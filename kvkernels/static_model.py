@@ -274,8 +274,7 @@ def model_cuda_point(point: DecodePoint, sms: int = SMS) -> dict:
     group = point.num_heads // point.num_kv_heads
     chunks, _ = cuda_ext.head_chunking(group)
     ctas = cuda_ext.decode_ctas_per_sm(page_bytes, group)
-    splits = split.choose_num_splits(point.batch, point.num_kv_heads * chunks, point.context, sms, ctas,
-                                     cuda_round_tokens(point))
+    splits = cuda_ext.num_splits(point.batch, point.num_kv_heads, group, point.context, sms, page_bytes)
     programs = point.batch * point.num_kv_heads * chunks * splits
     per_cta = cuda_round_tokens(point) * (point.head_dim * page_bytes + (4 if point.cache_dtype else 0)) * 2
     return _throughput(dict(point=point.name, kernel="cuda paged_decode_kernel", splits=splits, programs=programs,

@@ -13,6 +13,7 @@ import sys
 import sysconfig
 import textwrap
 import time
+import types
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -211,6 +212,30 @@ def test_misaligned_cache_rows_raise_value_error_before_the_op():
         cuda_ext.check_rows_aligned(pool[1:-7].view(4, 16, 2, 64), "k_cache")
     with pytest.raises(ValueError, match="stride 60 of dim 2"):
         cuda_ext.check_rows_aligned(pool[:4 * 16 * 2 * 60].view(4, 16, 2, 60)[..., :56], "v_cache")
+
+
+def test_quantized_rows_wider_than_the_append_holds_raise_value_error():
+    rows = torch.zeros(1, 1, 512)
+    with pytest.raises(ValueError, match="head_dim <= 256"):
+        cuda_ext.check_quantized_write(rows, torch.zeros(2, 8, 1, 512, dtype=torch.int8))
+    cuda_ext.check_quantized_write(rows, torch.zeros(2, 8, 1, 512, dtype=torch.float16))   # a copy: any width
+    cuda_ext.check_quantized_write(rows[..., :256], torch.zeros(2, 8, 1, 256, dtype=torch.float8_e4m3fn))
+
+
+def test_an_older_build_without_scale_arguments_is_refused_by_name():
+    """An ahead-of-time kvkernels._C from before fp8 / int8 pages imports fine, but every call would fail on its
+    argument count: load() refuses it, saying so."""
+    def ops(decode, write):
+        op = lambda schema: types.SimpleNamespace(default=types.SimpleNamespace(_schema=torch._C.parse_schema(schema)))
+        return types.SimpleNamespace(paged_decode_attention=op(decode), write_kv_cache=op(write))
+    source = (cuda_ext.CSRC_DIR / "ops.cpp").read_text()
+    library = re.search(r"TORCH_LIBRARY\(kvkernels, m\) \{(.*?)\n\}", source, re.S).group(1)
+    current = ["kvkernels::" + "".join(re.findall(r'"([^"]*)"', d)) for d in re.findall(r"m\.def\((.*?)\);", library, re.S)]
+    assert cuda_ext.stale_schema(ops(*current)) == ""
+    old_decode = ("kvkernels::paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
+                  "Tensor seq_lens, float scale, int min_split_tokens, int max_splits, Tensor! out, "
+                  "Tensor! partial_out, Tensor! partial_lse) -> ()")
+    assert "paged_decode_attention takes no k_scale" in cuda_ext.stale_schema(ops(old_decode, current[1]))
 
 
 def test_unsupported_shapes_raise_value_error_naming_them():
@@ -427,15 +452,6 @@ def test_quantized_pages_cuda_agrees_with_triton(cuda_backend, pages, num_heads,
     assert_matches(outs[0], outs[1].double(), torch.bfloat16, factor=2.0)
 
 
-@pytest.mark.gpu
-def test_quantized_write_refuses_rows_wider_than_a_warp_holds(cuda_backend):
-    pages = torch.zeros(2, 8, 1, 512, device="cuda", dtype=torch.int8)
-    scales = torch.zeros(2, 8, 1, device="cuda")
-    rows = torch.randn(1, 1, 512, device="cuda")
-    with pytest.raises(RuntimeError, match="head_dim <= 256"):
-        torch.ops.kvkernels.write_kv_cache(rows, rows, pages, pages.clone(), torch.zeros(1, dtype=torch.long,
-                                                                                          device="cuda"),
-                                           scales, scales.clone())
 
 
 @pytest.mark.gpu
@@ -587,6 +603,14 @@ def test_opcheck_schema_and_fake_implementations(cuda_backend):
     k_new = torch.randn(2, 2, 64, device="cuda", dtype=torch.float16)
     slots = torch.tensor([5, -1], device="cuda")
     torch.library.opcheck(torch.ops.kvkernels.write_kv_cache.default, (k_new, k_new + 1, k_cache, v_cache, slots))
+    # fp8 pages: the optional scale arguments, read by the decode and written by the append
+    q8, k8, v8, tables8, lens8, k_scale, v_scale = quantize_case(
+        (q, k_cache, v_cache, block_tables, seq_lens), torch.float8_e4m3fn)
+    torch.library.opcheck(torch.ops.kvkernels.paged_decode_attention.default,
+                          (q8, k8, v8, tables8, lens8, 0.125, MIN_SPLIT_TOKENS, 1, torch.zeros_like(q8),
+                           torch.zeros(0, device="cuda"), torch.zeros(0, device="cuda"), k_scale, v_scale))
+    torch.library.opcheck(torch.ops.kvkernels.write_kv_cache.default, (k_new, k_new + 1, k8, v8, slots, k_scale,
+                                                                        v_scale))
 
 
 SANITIZED_RUN = textwrap.dedent("""
@@ -617,6 +641,11 @@ SANITIZED_RUN = textwrap.dedent("""
                                  k_scale=k_scale, v_scale=v_scale, backend="cuda")
         kvkernels.paged_decode_attention(q, k_pages, v_pages, tables, lens, k_scale=k_scale, v_scale=v_scale,
                                          backend="cuda")
+        static = torch.full((2,), 0.02, device="cuda")  # [H_kv]: block and slot strides 0; bf16 rows and q
+        kvkernels.write_kv_cache(k_cache.view(-1, 2, 64).bfloat16(), v_cache.view(-1, 2, 64).bfloat16(), k_pages,
+                                 v_pages, slots, k_scale=static, v_scale=static.clone(), backend="cuda")
+        kvkernels.paged_decode_attention(q.bfloat16(), k_pages, v_pages, tables, lens, k_scale=static,
+                                         v_scale=static.clone(), backend="cuda")
         out = torch.empty_like(q)
         torch.ops.kvkernels.paged_decode_attention(q, k_pages, v_pages, tables.abs(), lens * 100, 0.125, 16, 4, out,
                                                    torch.empty(2, 4, 4, 64, device="cuda"),

@@ -118,7 +118,7 @@ def test_triton_decode_fp16_long_flat_context_small_values(cache_dtype):
 def test_write_matches_reference(backend, cache_dtype, dtype, per_token):
     """Pages bit for bit and scales exactly; scale slots not written keep their NaN poison."""
     g = torch.Generator().manual_seed(3)
-    num_blocks, block_size, heads, dim, n = 5, 8, 3, 80, 13
+    num_blocks, block_size, heads, dim, n = 5, 8, 6, 80, 13   # 6 heads: the CUDA append's warps take two each
     k_pages = torch.zeros(num_blocks, block_size, heads, dim, dtype=cache_dtype, device=DEVICE)
     v_pages = torch.zeros_like(k_pages)
     if per_token:
@@ -158,6 +158,7 @@ def test_quantize_rounds_to_nearest_even_at_every_exponent(backend, cache_dtype)
     rows[:, :, :16] = (torch.arange(16) * 0.5 + 0.25)  # halfway between int8 steps / fp8 grid points
     rows[:, :, 16] = -0.0
     rows[:, :, 17] = qmax  # absmax: every row's scale is exactly 1
+    rows[:, :, 18:34] = torch.arange(-8, 8) + 0.5  # halfway between int8 steps (ties to even, not away from 0)
     pages = torch.zeros(64, 1, 1, 256, dtype=cache_dtype, device=DEVICE)
     scale = torch.full((64, 1, 1), float("nan"), device=DEVICE)
     kvkernels.write_kv_cache(rows.to(DEVICE), rows.to(DEVICE), pages, pages.clone(), torch.arange(64, device=DEVICE),
