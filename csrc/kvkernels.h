@@ -42,6 +42,8 @@ enum class CacheType { kSameAsQuery, kFp8E4M3, kInt8 };
 // Largest magnitude of a quantized page element: a row's scale is absmax * (1 / kMax) (kvkernels._validate.QUANT_MAX).
 constexpr float kFp8E4M3Max = 448.f;
 constexpr float kInt8Max = 127.f;
+// The quantizing KV write holds a row in one warp's registers (head_dim / 32 values per lane) for its absmax.
+constexpr int kMaxQuantizedHeadDim = 256;
 
 // All strides in elements. Tensors:
 //   q [B, H, D]; k_cache, v_cache [num_blocks, block_size, H_kv, D] (last dim contiguous, 16-byte aligned rows);

@@ -113,6 +113,19 @@ PageScales check_page_scales(const std::optional<at::Tensor>& k_scale, const std
   return scales;
 }
 
+// The scale fields both kernels' params share (PagedDecodeParams, WriteKVParams).
+template <typename Params>
+void set_scale_params(Params& p, const PageScales& scales) {
+  p.k_scale = scales.k;
+  p.v_scale = scales.v;
+  p.stride_ks_block = scales.k_strides.block;
+  p.stride_ks_slot = scales.k_strides.slot;
+  p.stride_ks_head = scales.k_strides.head;
+  p.stride_vs_block = scales.v_strides.block;
+  p.stride_vs_slot = scales.v_strides.slot;
+  p.stride_vs_head = scales.v_strides.head;
+}
+
 void check_fits_int(int64_t value, const char* what) {
   TORCH_CHECK(value <= std::numeric_limits<int32_t>::max() - 1024, "kvkernels: ", what, " = ", value,
               " is too large for the kernel's 32-bit token indices");
@@ -206,14 +219,7 @@ void paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   p.out = out.data_ptr();
   p.partial_out = max_splits > 1 ? partial_out.data_ptr<float>() : nullptr;
   p.partial_lse = max_splits > 1 ? partial_lse.data_ptr<float>() : nullptr;
-  p.k_scale = scales.k;
-  p.v_scale = scales.v;
-  p.stride_ks_block = scales.k_strides.block;
-  p.stride_ks_slot = scales.k_strides.slot;
-  p.stride_ks_head = scales.k_strides.head;
-  p.stride_vs_block = scales.v_strides.block;
-  p.stride_vs_slot = scales.v_strides.slot;
-  p.stride_vs_head = scales.v_strides.head;
+  set_scale_params(p, scales);
   p.stride_q_seq = q.stride(0);
   p.stride_q_head = q.stride(1);
   p.stride_k_block = k_cache.stride(0);
@@ -293,8 +299,8 @@ void write_kv_cache(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cach
   check_last_dim_contiguous(k_cache, "k_cache");
   check_last_dim_contiguous(v_cache, "v_cache");
   const PageScales scales = check_page_scales(k_scale, v_scale, k_cache);
-  TORCH_CHECK(scales.k == nullptr || k.size(2) <= 256, "kvkernels: the CUDA KV write quantizes rows of head_dim <= 256, got ",
-              k.size(2));
+  TORCH_CHECK(scales.k == nullptr || k.size(2) <= kMaxQuantizedHeadDim, "kvkernels: the CUDA KV write quantizes rows ",
+              "of head_dim <= ", kMaxQuantizedHeadDim, ", got ", k.size(2));
   const int64_t num_tokens = k.size(0);
   if (num_tokens == 0 || k.numel() == 0) return;
   check_fits_int(num_tokens, "num_tokens");
@@ -327,14 +333,7 @@ void write_kv_cache(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cach
   p.element_size = static_cast<int>(k.element_size());
   p.input_type = scalar_type_of(dtype);
   p.cache_type = cache_type_of(page_dtype);
-  p.k_scale = scales.k;
-  p.v_scale = scales.v;
-  p.stride_ks_block = scales.k_strides.block;
-  p.stride_ks_slot = scales.k_strides.slot;
-  p.stride_ks_head = scales.k_strides.head;
-  p.stride_vs_block = scales.v_strides.block;
-  p.stride_vs_slot = scales.v_strides.slot;
-  p.stride_vs_head = scales.v_strides.head;
+  set_scale_params(p, scales);
   p.per_token_scales = scales.per_token;
 
   const c10::cuda::CUDAGuard device_guard(k_cache.device());

@@ -14,19 +14,24 @@ namespace kvkernels {
 
 constexpr int kWriteThreads = 128;
 constexpr int kWriteWarps = kWriteThreads / 32;
-// A quantized row is held in one warp's registers (head_dim / 32 values per lane) for its absmax.
-constexpr int kMaxQuantizedHeadDim = 256;
 constexpr unsigned kWriteFullMask = 0xffffffffu;
 
-// One CTA per token; its threads walk the token's H_kv * D elements. Slot -1 (padding, vLLM's
-// convention) and slots outside the cache are skipped, so even unvalidated input cannot write out of bounds.
+// A token's paged slot as (block, offset). False for slot -1 (padding, vLLM's convention) and slots outside the
+// cache, which are skipped: even unvalidated input cannot write out of bounds.
+__device__ __forceinline__ bool token_slot(const WriteKVParams& p, int64_t token, int64_t& block, int64_t& offset) {
+  const int64_t slot = p.slot_mapping[token * p.stride_slot];
+  if (slot < 0 || slot >= p.num_slots) return false;
+  block = slot / p.block_size;
+  offset = slot - block * p.block_size;
+  return true;
+}
+
+// One CTA per token; its threads walk the token's H_kv * D elements.
 template <typename Word>
 __global__ void __launch_bounds__(kWriteThreads) write_kv_kernel(const WriteKVParams p) {
   const int64_t token = blockIdx.x;
-  const int64_t slot = p.slot_mapping[token * p.stride_slot];
-  if (slot < 0 || slot >= p.num_slots) return;
-  const int64_t block = slot / p.block_size;
-  const int64_t offset = slot - block * p.block_size;
+  int64_t block, offset;
+  if (!token_slot(p, token, block, offset)) return;
 
   const Word* k = static_cast<const Word*>(p.k) + token * p.stride_k_token;
   const Word* v = static_cast<const Word*>(p.v) + token * p.stride_v_token;
@@ -65,8 +70,8 @@ struct Quantized<int8_t> {
 // One KV head's row: src [head_dim] (element stride src_stride) -> dst [head_dim] on the page grid, with its
 // scale stored (per token: absmax * (1 / kMax), 1 for an all-zero row) or read (static). Called by a whole warp.
 template <typename T, typename KT>
-__device__ __forceinline__ void quantize_row(const T* src, int64_t src_stride, KT* dst, float* scale, bool per_token_scales,
-                             int head_dim, int lane) {
+__device__ __forceinline__ void quantize_row(const T* src, int64_t src_stride, KT* dst, float* scale,
+                                             bool per_token_scales, int head_dim, int lane) {
   constexpr int kPerLane = kMaxQuantizedHeadDim / 32;
   constexpr float kMax = Quantized<KT>::kMax;
   // The reference's fp32 product with the constant 1 / kMax (rounded once, at compile time: --use_fast_math
@@ -102,14 +107,12 @@ __device__ __forceinline__ void quantize_row(const T* src, int64_t src_stride, K
   }
 }
 
-// One CTA per token, one warp per KV head (heads strided over the CTA's warps); slots skipped as above.
+// One CTA per token, one warp per KV head (heads strided over the CTA's warps).
 template <typename T, typename KT>
 __global__ void __launch_bounds__(kWriteThreads) write_kv_quantized_kernel(const WriteKVParams p) {
   const int64_t token = blockIdx.x;
-  const int64_t slot = p.slot_mapping[token * p.stride_slot];
-  if (slot < 0 || slot >= p.num_slots) return;
-  const int64_t block = slot / p.block_size;
-  const int64_t offset = slot - block * p.block_size;
+  int64_t block, offset;
+  if (!token_slot(p, token, block, offset)) return;
   const int lane = threadIdx.x % 32;
 
   const T* k = static_cast<const T*>(p.k) + token * p.stride_k_token;

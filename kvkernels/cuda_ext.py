@@ -20,7 +20,7 @@ from .split import MIN_SPLIT_TOKENS, choose_num_splits, ctas_per_sm, num_sms
 
 SUPPORTED_HEAD_DIMS = (32, 64, 80, 96, 128, 256)
 MIN_BLOCK_SIZE, MAX_BLOCK_SIZE = 8, 256
-MAX_QUANTIZED_HEAD_DIM = 256  # csrc/write_kv.cu kMaxQuantizedHeadDim
+MAX_QUANTIZED_HEAD_DIM = 256  # csrc/kvkernels.h kMaxQuantizedHeadDim
 CSRC_DIR = Path(__file__).resolve().parent.parent / "csrc"
 SOURCES = ("ops.cpp", "paged_decode_fp16.cu", "paged_decode_bf16.cu", "paged_decode_fp32.cu", "paged_decode_fp8.cu",
            "paged_decode_int8.cu", "write_kv.cu")
@@ -95,7 +95,8 @@ def _with_ops(module):
             return None, f"{module.__name__} loaded but did not register torch.ops.kvkernels.{name}"
     stale = stale_schema(ops)
     if stale:
-        return None, f"{module.__name__} is an older build: {stale}; rebuild it (KVKERNELS_BUILD_CUDA=1 pip install -e .)"
+        return None, (f"{module.__name__} is an older build: {stale}; rebuild it "
+                      "(KVKERNELS_BUILD_CUDA=1 pip install -e .)")
     return module, ""
 
 
