@@ -11,11 +11,20 @@ follow each other by a full DRAM latency, so a tile costs `serial_load_groups` l
 keeps on average its tile's bytes divided by that count in flight. By Little's law an H100 needs about
 HBM_BYTES_PER_S * DRAM_LATENCY_S / SMS (about 15.5 KB) in flight per SM to stream at full bandwidth;
 the modelled TB/s streams each wave at min(peak, its bytes in flight / latency).
+
+Instruction issue: a loop that spends many instructions per byte cannot stream however many bytes it keeps in
+flight. The H100 run (bench/results/kernels, triton 3.6, 2026-11-24) measured the quantized kernels at 1.5-2.0
+TB/s where the bandwidth model said 3.0: their loops issued 1.5-3.7x fp16 pages' warp instructions per K/V
+byte and sustained 2.5-3.0 (one head) and 3.3-3.7 (grouped heads) warp instructions per SM per ns
+(`--issue-rates`, bench/results/issue_rates_h100_2026-11-24.md), so the decode kernel's modelled TB/s is also
+capped at ISSUE_RATE / (its loop's warp instructions per K/V byte), ISSUE_RATE the highest rate measured
+(about 47% of the 4 warp instructions per clock an SM can issue, at 1.98 GHz). An upper bound: the one-head
+loops ran 20-30% under it.
 The CUDA kernel (csrc/) is modelled from its sm_90 register table only (kvkernels/cuda_ext.py).
 
 Needs a triton with the NVIDIA backend and TRITON_INTERPRET unset: run it in its own process
 (`python -m kvkernels.static_model`, `python -m kvkernels.static_model --quant` for fp8 / int8 pages
-against fp16, `python -m bench.kernels --static`, tests/compile_sm90.py).
+against fp16, `python -m kvkernels.static_model --issue-rates bench/results/kernels/*/kernels.json`, `python -m bench.kernels --static`, tests/compile_sm90.py).
 """
 import dataclasses
 import functools
@@ -35,6 +44,7 @@ SMS = 132  # H100 SXM
 HBM_BYTES_PER_S = 3.0e12
 DRAM_LATENCY_S = 700e-9
 TARGET_BYTES_IN_FLIGHT_PER_SM = HBM_BYTES_PER_S * DRAM_LATENCY_S / SMS
+ISSUE_RATE = 3.7e9  # warp instructions per SM per second the decode loops sustained on the H100 (see above)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -250,6 +260,9 @@ def model_point(point: DecodePoint, sms: int = SMS) -> list:
         row = analyse(compile_launch(fn, args, kwargs))
         row.update(point=point.name, kernel=fn.__name__.strip("_"), splits=num_splits,
                    programs=grid[0] * grid[1] * grid[2])
+        if fn is triton_decode._paged_decode_kernel:
+            row["instructions_per_kv_byte"] = round(
+                row["loop_instructions"] * row["warps"] / (kwargs["TILE_N"] * kv_row_bytes(point) * 2), 4)
         _throughput(row, sms)
         rows.append(row)
     return rows
@@ -284,7 +297,8 @@ def model_cuda_point(point: DecodePoint, sms: int = SMS) -> dict:
 def _throughput(row: dict, sms: int) -> dict:
     """Adds waves, bytes in flight per SM and the modelled TB/s: each wave streams at
     min(peak, its resident CTAs' bytes in flight / latency) (Little's law), so a tail wave costs only
-    where it holds too few CTAs to keep HBM busy."""
+    where it holds too few CTAs to keep HBM busy; a loop with instructions_per_kv_byte streams at most
+    ISSUE_RATE's worth (issue_tb_s)."""
     slots = row["ctas_per_sm"] * sms
     full_waves, tail = divmod(row["programs"], slots)
     wave_sizes = [slots] * full_waves + ([tail] if tail else [])
@@ -293,6 +307,9 @@ def _throughput(row: dict, sms: int) -> dict:
         # every CTA streams the same bytes: a wave of n CTAs takes n / rate(n) in those units
         rates = [min(HBM_BYTES_PER_S, n * row["bytes_in_flight_per_cta"] / DRAM_LATENCY_S) for n in wave_sizes]
         tb_s = row["programs"] / sum(n / r for n, r in zip(wave_sizes, rates)) / 1e12
+    if row.get("instructions_per_kv_byte"):
+        row["issue_tb_s"] = round(ISSUE_RATE * sms / row["instructions_per_kv_byte"] / 1e12, 2)
+        tb_s = min(tb_s, row["issue_tb_s"])
     row.update(waves=round(row["programs"] / slots, 2),
                bytes_in_flight_per_sm=int(row["bytes_in_flight_per_cta"] * min(row["programs"], slots) / sms),
                modelled_tb_s=round(tb_s, 2))
@@ -305,7 +322,8 @@ def table(points=POINTS) -> list:
 
 COLUMNS = ["point", "kernel", "splits", "programs", "warps", "regs", "spill_bytes", "shared", "ctas_per_sm", "waves",
            "loads_per_tile", "load_widths", "bytes_per_tile", "serial_load_groups", "bytes_in_flight_per_cta", "bytes_in_flight_per_sm",
-           "modelled_tb_s", "loop_instructions", "barriers_per_tile", "shuffles_per_tile"]
+           "instructions_per_kv_byte", "issue_tb_s", "modelled_tb_s", "loop_instructions", "barriers_per_tile",
+           "shuffles_per_tile"]
 
 
 def markdown(rows) -> str:
@@ -330,11 +348,14 @@ QUANT_POINTS = [p for p in POINTS if p.name in ("gpt2 B=1 x 1k", "gpt2 B=1 x 16k
     DecodePoint("gqa32/8 d128 B=64 x 16k", batch=64, context=16384, **GQA)]
 
 
+def kv_row_bytes(point: DecodePoint) -> int:
+    """Bytes of one token's K (or V) row of one KV head: the page row, and its fp32 scale for fp8 / int8 pages."""
+    return point.head_dim * getattr(torch, point.cache_dtype or point.dtype).itemsize + (4 if point.cache_dtype else 0)
+
+
 def kv_bytes(point: DecodePoint) -> int:
     """K + V bytes a decode at `point` reads: pages, and per-token fp32 scales for fp8 / int8 pages."""
-    itemsize = getattr(torch, point.cache_dtype or point.dtype).itemsize
-    per_row = point.head_dim * itemsize + (4 if point.cache_dtype else 0)
-    return point.batch * point.context * point.num_kv_heads * per_row * 2
+    return point.batch * point.context * point.num_kv_heads * kv_row_bytes(point) * 2
 
 
 def quant_speedups(points=QUANT_POINTS) -> list:
@@ -360,8 +381,42 @@ def quant_speedups(points=QUANT_POINTS) -> list:
     return rows
 
 
+def measured_issue_rates(kernels_json: str, min_batch: int = 16, min_context: int = 4096) -> list:
+    """The warp instructions per SM per ns each Triton cell of a `bench.kernels` JSON sustained: its measured time
+    against the loop instructions of this checkout's kernel at that point (calibrates ISSUE_RATE; run it on the
+    code that was measured). Large points only, where the kernel, not the launch, is timed."""
+    with open(kernels_json) as f:
+        run = json.load(f)
+    rows = []
+    for cell in run["points"]:
+        if cell["batch"] < min_batch or cell["context"] < min_context:
+            continue
+        heads = dict(num_heads=cell["num_heads"], num_kv_heads=cell["num_kv_heads"], head_dim=cell["head_dim"],
+                     block_size=cell["block_size"], dtype={"fp16": "float16", "bf16": "bfloat16"}[cell["dtype"]])
+        for column, cache_dtype in (("triton", None), ("triton_fp8", "float8_e4m3fn"), ("triton_int8", "int8")):
+            timing = cell["columns"].get(column, {})
+            if timing.get("status") != "ok":
+                continue
+            point = DecodePoint(cell["shape"], batch=cell["batch"], context=cell["context"], cache_dtype=cache_dtype,
+                                **heads)
+            fn, args, kwargs, _ = point_launches(point, max(2, cell["num_splits"]))[0]
+            loop = analyse(compile_launch(fn, args, kwargs))
+            tiles = point.batch * point.num_kv_heads * -(-point.context // kwargs["TILE_N"])
+            rate = tiles * loop["loop_instructions"] * loop["warps"] / SMS / (timing["us"] * 1e3)
+            rows.append(dict(point=f"{cell['shape']} {cell['dtype']} B={point.batch} x {point.context} "
+                                   f"block {point.block_size}", column=column, us=round(timing["us"], 1),
+                             tb_s=round(timing["gbps"] / 1e3, 2), loop_instructions=loop["loop_instructions"],
+                             warp_instructions_per_sm_ns=round(rate, 2)))
+    return rows
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    if "--issue-rates" in argv:
+        rows = [row for path in argv[argv.index("--issue-rates") + 1:] for row in measured_issue_rates(path)]
+        print("| " + " | ".join(rows[0]) + " |\n|" + " --- |" * len(rows[0]))
+        print("\n".join("| " + " | ".join(str(v) for v in row.values()) + " |" for row in rows))
+        return
     if "--quant" in argv:
         rows = quant_speedups()
         print(header())

@@ -6,9 +6,10 @@ split it writes the normalised output directly; otherwise it writes an fp32 part
 base-2 log-sum-exp, and `_merge_splits_kernel` combines them. Given zeroed split counters, the last program of
 each (sequence, KV head) to finish does that merge itself, which saves the second launch.
 
-Decode streams K/V, so the loop is built for bytes in flight: each tile's block-table entries are loaded
-a tile ahead, K and V are issued together, one head per KV head reduces [N, D] x [D] in registers and
-grouped heads use two tensor-core dots. `kvkernels/static_model.py` checks the sm_90 cubins.
+Decode streams K/V, so the loop is built for bytes in flight and few instructions per byte: each tile's
+block-table entries are loaded a tile ahead, K and V are issued together, one head per KV head reduces
+[N, D] x [D] in registers as independent row slots (no cross-warp reduction per tile) and grouped heads use
+two tensor-core dots. `kvkernels/static_model.py` checks the sm_90 cubins.
 
 fp8 / int8 pages (QUANTIZED) are dequantized in registers: a tile's per-token scales are loaded with its
 K and V and folded into the scores and into the probabilities (one head) or V's rows (grouped heads; static
@@ -28,10 +29,10 @@ from .split import MIN_SPLIT_TOKENS, choose_num_splits, ctas_per_sm, next_power_
 
 LOG2_E = 1.4426950408889634
 # CTAs per SM of the split decode kernel on sm_90 by (grouped heads, fp8 / int8 pages): the static model
-# (kvkernels/static_model.py, 2026-11-24: 7 and 5 with triton 3.9, 6 and 5 with triton 3.6; the lower
-# kept; quantized pages 5 and 3 with triton 3.9, 4 (108-118 registers) and 3 with triton 3.6, the GPU machine's;
-# tests/test_triton_compile.py fails when the compiled kernel fits fewer). Used where no compiled kernel can be
-# asked (the CPU interpreter).
+# (kvkernels/static_model.py, 2026-11-24: one head's row slots 9 with triton 3.9 and 10 with triton 3.6 (before
+# them 7 and 6), grouped heads 5 and 5; quantized pages 4-5 (96-100 registers) with triton 3.9 and 4 (110) with
+# triton 3.6, the GPU machine's, grouped 3 and 3; the lowest kept, tests/test_triton_compile.py fails when the
+# compiled kernel fits fewer). Used where no compiled kernel can be asked (the CPU interpreter).
 STATIC_CTAS_PER_SM = {(False, False): 6, (True, False): 5, (False, True): 4, (True, True): 3}
 
 
@@ -71,21 +72,21 @@ def _table_entries(table, tokens, end, BLOCK_SIZE: tl.constexpr):
 @triton.jit
 def _load_tile(k_base, v_base, block_ids, tokens, end, dims, dim_mask,
                stride_kb, stride_kt, stride_vb, stride_vt, BLOCK_SIZE: tl.constexpr):
-    # K and V rows of one tile, both issued before either is used. Masked loads, not masked scores:
-    # free slots may hold NaN and 0 * NaN = NaN.
+    # K and V rows of one tile ([*tokens.shape, D]), both issued before either is used. Masked loads, not
+    # masked scores: free slots may hold NaN and 0 * NaN = NaN.
     slot_in_block = (tokens % BLOCK_SIZE).to(tl.int64)
-    kv_mask = (tokens < end)[:, None] & dim_mask[None, :]
-    k = tl.load(k_base + (block_ids * stride_kb + slot_in_block * stride_kt)[:, None] + dims[None, :],
-                mask=kv_mask, other=0.0)                                       # [N, D]
-    v = tl.load(v_base + (block_ids * stride_vb + slot_in_block * stride_vt)[:, None] + dims[None, :],
-                mask=kv_mask, other=0.0)                                       # [N, D]
+    kv_mask = tl.expand_dims(tokens < end, -1) & dim_mask
+    k = tl.load(k_base + tl.expand_dims(block_ids * stride_kb + slot_in_block * stride_kt, -1) + dims,
+                mask=kv_mask, other=0.0)
+    v = tl.load(v_base + tl.expand_dims(block_ids * stride_vb + slot_in_block * stride_vt, -1) + dims,
+                mask=kv_mask, other=0.0)
     return k, v
 
 
 @triton.jit
 def _load_tile_scales(k_scale_base, v_scale_base, block_ids, tokens, end,
                       stride_ksb, stride_kst, stride_vsb, stride_vst, BLOCK_SIZE: tl.constexpr):
-    # Per-token K and V scales [N] of one tile (0 past the partition: free slots' scales may be NaN).
+    # Per-token K and V scales (tokens' shape) of one tile (0 past the partition: free slots' scales may be NaN).
     slot_in_block = (tokens % BLOCK_SIZE).to(tl.int64)
     ks = tl.load(k_scale_base + block_ids * stride_ksb + slot_in_block * stride_kst, mask=tokens < end, other=0.0)
     vs = tl.load(v_scale_base + block_ids * stride_vsb + slot_in_block * stride_vst, mask=tokens < end, other=0.0)
@@ -109,7 +110,7 @@ def _paged_decode_kernel(
     max_splits,  # runtime, so a growing context does not compile a kernel per split count
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, ROWS: tl.constexpr,
     SPLIT: tl.constexpr, MIN_SPLIT_TOKENS: tl.constexpr, NUM_STAGES: tl.constexpr,
     DOT_IN_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_STARTS: tl.constexpr,
     FOLD_MERGE: tl.constexpr, SPLITS_PAD: tl.constexpr,
@@ -134,48 +135,63 @@ def _paged_decode_kernel(
     table = block_tables_ptr + seq.to(tl.int64) * stride_tb
     k_base = k_cache_ptr + kv_head.to(tl.int64) * stride_kh
     v_base = v_cache_ptr + kv_head.to(tl.int64) * stride_vh
-    offsets = tl.arange(0, TILE_N)
-    block_ids = _table_entries(table, start + offsets, end, BLOCK_SIZE)        # [N] first tile's entries
     k_scale_base = k_scale_ptr + kv_head.to(tl.int64) * stride_ksh
     v_scale_base = v_scale_ptr + kv_head.to(tl.int64) * stride_vsh
     if QUANTIZED and not PER_TOKEN_SCALES:
         qk_scale = qk_scale * tl.load(k_scale_base)                            # static: K's scale into q's
 
     if GROUP == 1:
-        # One head: [N, D] x [D] reductions in fp32, no [G, N, D] broadcast.
+        # One head as ROWS independent row slots: the [TILE_N, D] tile viewed as [TILE_N // ROWS, ROWS, D] puts
+        # each thread's repeats of the load layout on the first axis, and every slot keeps its own running max,
+        # sum and accumulator, merged once after the loop. The loop then reduces only q . k's D across a row's
+        # few lanes: no per-tile cross-warp max, sum or accumulator reduction, so no barrier.
+        REPEATS: tl.constexpr = TILE_N // ROWS
         q1 = tl.sum(q.to(tl.float32), axis=0) * qk_scale                       # [D]
-        m = tl.full([1], float("-inf"), tl.float32)                            # running max (base 2)
-        l = tl.zeros([1], tl.float32)                                          # running sum of exp2
-        acc = tl.zeros([HEAD_DIM_PAD], tl.float32)                             # [D]
+        offsets = tl.arange(0, TILE_N)
+        slots = tl.reshape(offsets, [REPEATS, ROWS])                           # [R, S] the tile's token offsets
+        block_ids = _table_entries(table, start + offsets, end, BLOCK_SIZE)    # [N] first tile's entries
+        m = tl.full([ROWS], float("-inf"), tl.float32)                         # running max per slot (base 2)
+        l = tl.zeros([ROWS], tl.float32)                                       # running sum of exp2 per slot
+        acc = tl.zeros([ROWS, HEAD_DIM_PAD], tl.float32)                       # [S, D]
         for tile_start in tl.range(start, end, TILE_N, num_stages=NUM_STAGES):
             tokens = tile_start + offsets                                      # [N]
             next_ids = _table_entries(table, tokens + TILE_N, end, BLOCK_SIZE)  # a round ahead
             k, v = _load_tile(k_base, v_base, block_ids, tokens, end, dims, dim_mask,
-                              stride_kb, stride_kt, stride_vb, stride_vt, BLOCK_SIZE)
+                              stride_kb, stride_kt, stride_vb, stride_vt, BLOCK_SIZE)  # [N, D]
+            k = tl.reshape(k, [REPEATS, ROWS, HEAD_DIM_PAD])
+            scores = tl.sum(k.to(tl.float32) * q1, axis=2)                     # [R, S]
             if PER_TOKEN_SCALES:
-                ks, vs = _load_tile_scales(k_scale_base, v_scale_base, block_ids, tokens, end,
-                                           stride_ksb, stride_kst, stride_vsb, stride_vst, BLOCK_SIZE)
-            scores = tl.sum(k.to(tl.float32) * q1[None, :], axis=1)            # [N]
-            if PER_TOKEN_SCALES:
+                ks, vs = _load_tile_scales(k_scale_base, v_scale_base, tl.reshape(block_ids, [REPEATS, ROWS]),
+                                           tile_start + slots, end, stride_ksb, stride_kst, stride_vsb, stride_vst,
+                                           BLOCK_SIZE)                         # [R, S]
                 scores = scores * ks
-            scores = tl.where(tokens < end, scores, float("-inf"))
-            m_new = tl.maximum(m, tl.max(scores, axis=0))                      # [1]
-            p = tl.exp2(scores - m_new)                                        # [N]
-            alpha = tl.exp2(m - m_new)
+            scores = tl.where(tile_start + slots < end, scores, float("-inf"))
+            m_new = tl.maximum(m, tl.max(scores, axis=0))                      # [S]
+            # a slot with no token yet keeps max -inf: exp2 from 0 instead, not from -inf - -inf = NaN
+            m_from = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(scores - m_from[None, :])                              # [R, S]
+            alpha = tl.exp2(m - m_from)
             l = l * alpha + tl.sum(p, axis=0)
             if PER_TOKEN_SCALES:
                 p = p * vs                                                     # V's scales into the weights
-            acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
+            v = tl.reshape(v, [REPEATS, ROWS, HEAD_DIM_PAD])
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32), axis=0)
             m = m_new
             block_ids = next_ids
-        out = (acc / l)[None, :]      # [1, D]; seq_len 0 gives 0 / 0 = NaN: loud, never a plausible answer
-        lse = m + tl.log2(l)                                                   # [1]
+        m_all = tl.max(m, axis=0)
+        m_all = tl.where(m_all == float("-inf"), 0.0, m_all)  # seq_len 0: l = 0 below, out 0 / 0 = NaN (loud)
+        weights = tl.exp2(m - m_all)                                           # [S]
+        l_all = tl.sum(l * weights, axis=0)
+        out = (tl.sum(acc * weights[:, None], axis=0) / l_all)[None, :]        # [1, D]
+        lse = tl.zeros([1], tl.float32) + m_all + tl.log2(l_all)               # [1]
     else:
         # Grouped heads: two tensor-core dots per tile, K/V read once for the whole group (G padded to 16).
         # bf16 goes through tf32 (exact for bf16 values; p keeps 10 mantissa bits, not 7): Triton's
         # interpreter has no bf16 dot, so the tested path is the one that runs.
         if DOT_IN_FP32:
             q = q.to(tl.float32)
+        offsets = tl.arange(0, TILE_N)
+        block_ids = _table_entries(table, start + offsets, end, BLOCK_SIZE)    # [N] first tile's entries
         m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
         l = tl.zeros([GROUP_PAD], tl.float32)
         acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], tl.float32)                  # [G, D]
@@ -296,6 +312,13 @@ def decode_config(shape, dtype: torch.dtype, cache_dtype: torch.dtype = None) ->
     return DecodeConfig(tile=tile, num_warps=4, num_stages=1 if grouped and dtype == torch.float32 else 2)
 
 
+def one_head_rows(head_dim_pad: int, page_itemsize: int, num_warps: int, tile: int) -> int:
+    """Row slots of the one-head loop: the tile rows one pass of the CTA's threads covers when each thread loads
+    16-byte vectors of a row, so the [TILE_N // ROWS, ROWS, D] tile's first axis is each thread's repeats."""
+    lanes_per_row = min(32, max(1, head_dim_pad * page_itemsize // 16))
+    return min(tile, num_warps * 32 // lanes_per_row)
+
+
 def decode_launches(q, k_cache, v_cache, block_tables, seq_lens, shape, scale, out, config, num_splits,
                     min_split_tokens=MIN_SPLIT_TOKENS, split_counters=None, seq_starts=None, k_scale=None,
                     v_scale=None):
@@ -329,7 +352,9 @@ def decode_launches(q, k_cache, v_cache, block_tables, seq_lens, shape, scale, o
         shape.max_blocks_per_seq, num_splits,
     ), dict(
         HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, GROUP=group, GROUP_PAD=group_pad,
-        BLOCK_SIZE=shape.block_size, TILE_N=config.tile, SPLIT=num_splits > 1, MIN_SPLIT_TOKENS=min_split_tokens,
+        BLOCK_SIZE=shape.block_size, TILE_N=config.tile,
+        ROWS=one_head_rows(head_dim_pad, k_cache.element_size(), config.num_warps, config.tile) if group == 1 else 1,
+        SPLIT=num_splits > 1, MIN_SPLIT_TOKENS=min_split_tokens,
         NUM_STAGES=config.num_stages, DOT_IN_FP32=q.dtype != torch.float16,
         DOT_PRECISION="tf32" if q.dtype == torch.bfloat16 else "ieee", HAS_STARTS=has_starts, FOLD_MERGE=fold_merge,
         SPLITS_PAD=splits_pad if fold_merge else 1, num_warps=config.num_warps,

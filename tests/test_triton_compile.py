@@ -22,17 +22,22 @@ CASES = ["decode-fp16-d64", "decode-bf16-d80-split8", "decode-bf16-d80-split8-me
          "gqa-32x8-d128-int8-split8-merge", "decode-bf16-d128-gqa4-fp8", "decode-fp32-d256-int8",
          "decode-fp32-d128-gqa4-fp8", "write-h12-d64-fp8", "write-h12-d64-int8"]
 # design point -> (grouped heads, quantized pages, K and V bytes of one tile, narrowest load width (bits) that
-# carries them, bytes in flight per SM as a multiple of Little's law's need).
+# carries them, bytes in flight per SM as a multiple of Little's law's need, most warp instructions the loop
+# may issue per K/V page byte).
 # fp16 pages: TILE_N * D fp16 elements each in 128-bit loads, 4x the need. fp8 / int8 pages: GPT-2's one head
 # reads 128 tokens (the same 8 KB, 5 CTAs per SM: still 4x); grouped heads read fp16's 32 tokens in 64- and
 # 128-bit loads at 3 CTAs per SM (the converted tiles cost registers): 1.9x the need on triton 3.9.
+# Instructions per byte: the H100 ran the quantized loops at 2.5-3.7 warp instructions per SM per ns
+# (kvkernels/static_model.py), so a loop above ~0.16 per byte cannot stream 3 TB/s. One head's row slots
+# (no per-tile cross-warp reduction) measure 0.10 / 0.15-0.16 on triton 3.6 and 3.9, 0.13 / 0.19-0.21 before;
+# grouped fp8 / int8 pages still 0.31-0.33 (V's bytes gathered one by one for the dot), fp16 0.09.
 DESIGN_POINTS = {
-    "gpt2-split22": (False, False, 2 * 64 * 64 * 2, 128, 4),
-    "gqa-32x8-d128-split8": (True, False, 2 * 32 * 128 * 2, 128, 4),
-    "gpt2-fp8-split22": (False, True, 2 * 128 * 64, 128, 4),
-    "gpt2-int8-split22": (False, True, 2 * 128 * 64, 128, 4),
-    "gqa-32x8-d128-fp8-split8": (True, True, 2 * 32 * 128, 64, 1.5),
-    "gqa-32x8-d128-int8-split8": (True, True, 2 * 32 * 128, 64, 1.5),
+    "gpt2-split22": (False, False, 2 * 64 * 64 * 2, 128, 4, 0.115),
+    "gqa-32x8-d128-split8": (True, False, 2 * 32 * 128 * 2, 128, 4, 0.095),
+    "gpt2-fp8-split22": (False, True, 2 * 128 * 64, 128, 4, 0.17),
+    "gpt2-int8-split22": (False, True, 2 * 128 * 64, 128, 4, 0.17),
+    "gqa-32x8-d128-fp8-split8": (True, True, 2 * 32 * 128, 64, 1.5, 0.35),
+    "gqa-32x8-d128-int8-split8": (True, True, 2 * 32 * 128, 64, 1.5, 0.35),
 }
 DESIGN_POINTS.update({name + "-folded": DESIGN_POINTS[name] for name in ("gpt2-split22", "gqa-32x8-d128-split8")})
 FOLDED = sorted(name for name in DESIGN_POINTS if name.endswith("-folded"))
@@ -54,7 +59,7 @@ def test_no_register_spills(analysis, case):
 
 @pytest.mark.parametrize("case", sorted(DESIGN_POINTS))
 def test_kv_tiles_stream_with_wide_loads_issued_together(analysis, case):
-    row, (_, _, kv_bytes, min_width, _) = analysis[case], DESIGN_POINTS[case]
+    row, (_, _, kv_bytes, min_width, _, _) = analysis[case], DESIGN_POINTS[case]
     wide_bytes = sum(count * int(width) // 8 * 32 * row["warps"] for width, count in row["load_widths"].items()
                      if int(width) >= min_width)
     assert wide_bytes >= kv_bytes, \
@@ -65,12 +70,20 @@ def test_kv_tiles_stream_with_wide_loads_issued_together(analysis, case):
 
 @pytest.mark.parametrize("case", sorted(DESIGN_POINTS))
 def test_occupancy_and_bytes_in_flight(analysis, case):
-    row, (grouped, quantized, _, _, multiple) = analysis[case], DESIGN_POINTS[case]
+    row, (grouped, quantized, _, _, multiple, _) = analysis[case], DESIGN_POINTS[case]
     # the split count on the CPU comes from this table: it must not promise more than the kernel fits
     assert row["ctas_per_sm"] >= triton_decode.STATIC_CTAS_PER_SM[grouped, quantized], row
     in_flight = row["bytes_in_flight_per_cta"] * row["ctas_per_sm"]
     need = static_model.TARGET_BYTES_IN_FLIGHT_PER_SM
     assert in_flight >= multiple * need, f"{case}: {in_flight} bytes in flight per SM, Little's law needs {need:.0f}"
+
+
+@pytest.mark.parametrize("case", sorted(DESIGN_POINTS))
+def test_loop_instructions_per_kv_byte(analysis, case):
+    """The decode loop's issue cost: warp instructions per tile over the tile's K/V page bytes."""
+    row, (_, _, kv_bytes, _, _, bound) = analysis[case], DESIGN_POINTS[case]
+    per_byte = row["loop_instructions"] * row["warps"] / kv_bytes
+    assert per_byte <= bound, f"{case}: {per_byte:.3f} warp instructions per K/V byte (bound {bound})"
 
 
 @pytest.mark.parametrize("case", FOLDED)
@@ -79,3 +92,14 @@ def test_folded_merge_orders_its_counter(analysis, case):
     Without the fold the kernel has no atomic at all."""
     assert analysis[case]["split_counter_ordered"] is True, analysis[case]
     assert analysis[case.replace("-folded", "")]["split_counter_ordered"] is None
+
+
+def test_modelled_bandwidth_is_capped_by_instruction_issue():
+    """The static model streams a loop at most at ISSUE_RATE / its instructions per byte: two kernels with the
+    same bytes in flight differ only by their loops' issue cost."""
+    row = dict(programs=2 * 132, ctas_per_sm=4, bytes_in_flight_per_cta=32 * 1024)
+    lean = static_model._throughput(dict(row, instructions_per_kv_byte=0.1), 132)
+    heavy = static_model._throughput(dict(row, instructions_per_kv_byte=0.3), 132)
+    assert lean["modelled_tb_s"] == static_model.HBM_BYTES_PER_S / 1e12  # bandwidth-bound
+    assert heavy["modelled_tb_s"] == heavy["issue_tb_s"] == round(static_model.ISSUE_RATE * 132 / 0.3 / 1e12, 2)
+    assert heavy["modelled_tb_s"] < lean["modelled_tb_s"]
