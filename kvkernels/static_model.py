@@ -14,11 +14,11 @@ the modelled TB/s streams each wave at min(peak, its bytes in flight / latency).
 
 Instruction issue: a loop that spends many instructions per byte cannot stream however many bytes it keeps in
 flight. The H100 run (bench/results/kernels, triton 3.6, 2026-11-24) measured the quantized kernels at 1.5-2.0
-TB/s where the bandwidth model said 3.0: their loops issued 1.5-3.7x fp16 pages' warp instructions per K/V
+TB/s where the bandwidth model said 3.0: their loops issued 1.6-3.8x fp16 pages' warp instructions per page
 byte and sustained 2.5-3.0 (one head) and 3.3-3.7 (grouped heads) warp instructions per SM per ns
 (`--issue-rates`, bench/results/issue_rates_h100_2026-11-24.md), so the decode kernel's modelled TB/s is also
-capped at ISSUE_RATE / (its loop's warp instructions per K/V byte), ISSUE_RATE the highest rate measured
-(about 47% of the 4 warp instructions per clock an SM can issue, at 1.98 GHz). An upper bound: the one-head
+capped at ISSUE_RATE / (its loop's warp instructions per K/V byte, scales included), ISSUE_RATE the highest
+rate a Triton loop sustained (about 47% of the 4 warp instructions per clock an SM can issue, at 1.98 GHz). An upper bound: the one-head
 loops ran 20-30% under it.
 The CUDA kernel (csrc/) is modelled from its sm_90 register table only (kvkernels/cuda_ext.py).
 
@@ -383,8 +383,9 @@ def quant_speedups(points=QUANT_POINTS) -> list:
 
 def measured_issue_rates(kernels_json: str, min_batch: int = 16, min_context: int = 4096) -> list:
     """The warp instructions per SM per ns each Triton cell of a `bench.kernels` JSON sustained: its measured time
-    against the loop instructions of this checkout's kernel at that point (calibrates ISSUE_RATE; run it on the
-    code that was measured). Large points only, where the kernel, not the launch, is timed."""
+    against the loop instructions of this checkout's kernel at that point (calibrates ISSUE_RATE). Only meaningful
+    on the code that was timed (the JSON's git_commit), which `main` prints beside the table. Large points only,
+    where the kernel, not the launch, is timed."""
     with open(kernels_json) as f:
         run = json.load(f)
     rows = []
@@ -413,7 +414,14 @@ def measured_issue_rates(kernels_json: str, min_batch: int = 16, min_context: in
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if "--issue-rates" in argv:
-        rows = [row for path in argv[argv.index("--issue-rates") + 1:] for row in measured_issue_rates(path)]
+        paths = argv[argv.index("--issue-rates") + 1:]
+        for path in paths:
+            with open(path) as f:
+                print(f"{path}: timed at commit {json.load(f)['environment'].get('git_commit')}; loop instructions "
+                      "from this checkout's kernels (compare only on the timed code)")
+        rows = [row for path in paths for row in measured_issue_rates(path)]
+        if not rows:
+            sys.exit("no Triton cell at B >= 16 and L >= 4k in " + ", ".join(paths))
         print("| " + " | ".join(rows[0]) + " |\n|" + " --- |" * len(rows[0]))
         print("\n".join("| " + " | ".join(str(v) for v in row.values()) + " |" for row in rows))
         return

@@ -31,8 +31,8 @@ LOG2_E = 1.4426950408889634
 # CTAs per SM of the split decode kernel on sm_90 by (grouped heads, fp8 / int8 pages): the static model
 # (kvkernels/static_model.py, 2026-11-24: one head's row slots 9 with triton 3.9 and 10 with triton 3.6 (before
 # them 7 and 6), grouped heads 5 and 5; quantized pages 4-5 (96-100 registers) with triton 3.9 and 4 (110) with
-# triton 3.6, the GPU machine's, grouped 3 and 3; the lowest kept, tests/test_triton_compile.py fails when the
-# compiled kernel fits fewer). Used where no compiled kernel can be asked (the CPU interpreter).
+# triton 3.6, the GPU machine's, grouped 3 and 3; lower bounds (one head keeps the 6 the split counts on the CPU
+# were tested with), tests/test_triton_compile.py fails when the compiled kernel fits fewer). Used where no compiled kernel can be asked (the CPU interpreter).
 STATIC_CTAS_PER_SM = {(False, False): 6, (True, False): 5, (False, True): 4, (True, True): 3}
 
 

@@ -27,10 +27,11 @@ CASES = ["decode-fp16-d64", "decode-bf16-d80-split8", "decode-bf16-d80-split8-me
 # fp16 pages: TILE_N * D fp16 elements each in 128-bit loads, 4x the need. fp8 / int8 pages: GPT-2's one head
 # reads 128 tokens (the same 8 KB, 5 CTAs per SM: still 4x); grouped heads read fp16's 32 tokens in 64- and
 # 128-bit loads at 3 CTAs per SM (the converted tiles cost registers): 1.9x the need on triton 3.9.
-# Instructions per byte: the H100 ran the quantized loops at 2.5-3.7 warp instructions per SM per ns
-# (kvkernels/static_model.py), so a loop above ~0.16 per byte cannot stream 3 TB/s. One head's row slots
-# (no per-tile cross-warp reduction) measure 0.10 / 0.15-0.16 on triton 3.6 and 3.9, 0.13 / 0.19-0.21 before;
-# grouped fp8 / int8 pages still 0.31-0.33 (V's bytes gathered one by one for the dot), fp16 0.09.
+# Instructions per K/V page byte (scales excluded): the H100 ran the quantized loops at 2.5-3.7 warp
+# instructions per SM per ns (kvkernels/static_model.py), so a loop above ~0.16 per byte cannot stream 3 TB/s.
+# One head's row slots (no per-tile cross-warp reduction) measure 0.10 (fp16) / 0.15-0.16 (fp8, int8) on triton
+# 3.6 and 3.9, 0.13 / 0.19-0.21 before; grouped fp8 / int8 pages still 0.31-0.33 on triton 3.6, 0.28-0.30 on 3.9
+# (V's bytes gathered one by one for the dot), fp16 0.09.
 DESIGN_POINTS = {
     "gpt2-split22": (False, False, 2 * 64 * 64 * 2, 128, 4, 0.115),
     "gqa-32x8-d128-split8": (True, False, 2 * 32 * 128 * 2, 128, 4, 0.095),
