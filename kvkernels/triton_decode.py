@@ -29,10 +29,11 @@ from .split import MIN_SPLIT_TOKENS, choose_num_splits, ctas_per_sm, next_power_
 
 LOG2_E = 1.4426950408889634
 # CTAs per SM of the split decode kernel on sm_90 by (grouped heads, fp8 / int8 pages): the static model
-# (kvkernels/static_model.py, 2026-11-24: one head's row slots 9 with triton 3.9 and 10 with triton 3.6 (before
-# them 7 and 6), grouped heads 5 and 5; quantized pages 4-5 (96-100 registers) with triton 3.9 and 4 (110) with
-# triton 3.6, the GPU machine's, grouped 3 and 3; lower bounds (one head keeps the 6 the split counts on the CPU
-# were tested with), tests/test_triton_compile.py fails when the compiled kernel fits fewer). Used where no compiled kernel can be asked (the CPU interpreter).
+# (kvkernels/static_model.py, 2026-11-24, row slots and 32-bit offsets: one head 9 with triton 3.9 and 3.6
+# (before them 7 and 6), grouped heads 7 and 6; quantized pages 4-5 (96-128 registers) with triton 3.9 and 4
+# (105) with triton 3.6, the GPU machine's, grouped 3 and 3). Lower bounds: the one-head and grouped fp16
+# entries keep the 6 and 5 the CPU's split counts were tested with; tests/test_triton_compile.py fails when the
+# compiled kernel fits fewer. Used where no compiled kernel can be asked (the CPU interpreter).
 STATIC_CTAS_PER_SM = {(False, False): 6, (True, False): 5, (False, True): 4, (True, True): 3}
 
 
@@ -64,17 +65,20 @@ def _clamped_seq_len(seq_lens_ptr, seq, max_blocks_per_seq, BLOCK_SIZE: tl.const
 
 
 @triton.jit
-def _table_entries(table, tokens, end, BLOCK_SIZE: tl.constexpr):
-    # Block ids of `tokens` (masked past the partition, so a prefetch past the end reads nothing).
-    return tl.load(table + tokens // BLOCK_SIZE, mask=tokens < end, other=0).to(tl.int64)
+def _table_entries(table, tokens, end, BLOCK_SIZE: tl.constexpr, INT64_OFFSETS: tl.constexpr):
+    # Block ids of `tokens` (masked past the partition, so a prefetch past the end reads nothing), never below 0.
+    # The clamp is also the loaded entries' single use: Triton's pipeliner prefetches a load a tile ahead only
+    # then (fp8 / int8 pages' K, V and scale loads all use the entries; tests/test_triton_compile.py).
+    block_ids = tl.maximum(tl.load(table + tokens // BLOCK_SIZE, mask=tokens < end, other=0), 0)
+    return block_ids.to(tl.int64) if INT64_OFFSETS else block_ids
 
 
 @triton.jit
 def _load_tile(k_base, v_base, block_ids, tokens, end, dims, dim_mask,
-               stride_kb, stride_kt, stride_vb, stride_vt, BLOCK_SIZE: tl.constexpr):
+               stride_kb, stride_kt, stride_vb, stride_vt, BLOCK_SIZE: tl.constexpr, INT64_OFFSETS: tl.constexpr):
     # K and V rows of one tile ([*tokens.shape, D]), both issued before either is used. Masked loads, not
     # masked scores: free slots may hold NaN and 0 * NaN = NaN.
-    slot_in_block = (tokens % BLOCK_SIZE).to(tl.int64)
+    slot_in_block = (tokens % BLOCK_SIZE).to(tl.int64) if INT64_OFFSETS else tokens % BLOCK_SIZE
     kv_mask = tl.expand_dims(tokens < end, -1) & dim_mask
     k = tl.load(k_base + tl.expand_dims(block_ids * stride_kb + slot_in_block * stride_kt, -1) + dims,
                 mask=kv_mask, other=0.0)
@@ -85,9 +89,10 @@ def _load_tile(k_base, v_base, block_ids, tokens, end, dims, dim_mask,
 
 @triton.jit
 def _load_tile_scales(k_scale_base, v_scale_base, block_ids, tokens, end,
-                      stride_ksb, stride_kst, stride_vsb, stride_vst, BLOCK_SIZE: tl.constexpr):
+                      stride_ksb, stride_kst, stride_vsb, stride_vst, BLOCK_SIZE: tl.constexpr,
+                      INT64_OFFSETS: tl.constexpr):
     # Per-token K and V scales (tokens' shape) of one tile (0 past the partition: free slots' scales may be NaN).
-    slot_in_block = (tokens % BLOCK_SIZE).to(tl.int64)
+    slot_in_block = (tokens % BLOCK_SIZE).to(tl.int64) if INT64_OFFSETS else tokens % BLOCK_SIZE
     ks = tl.load(k_scale_base + block_ids * stride_ksb + slot_in_block * stride_kst, mask=tokens < end, other=0.0)
     vs = tl.load(v_scale_base + block_ids * stride_vsb + slot_in_block * stride_vst, mask=tokens < end, other=0.0)
     return ks, vs
@@ -115,6 +120,7 @@ def _paged_decode_kernel(
     DOT_IN_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_STARTS: tl.constexpr,
     FOLD_MERGE: tl.constexpr, SPLITS_PAD: tl.constexpr,
     QUANTIZED: tl.constexpr, PER_TOKEN_SCALES: tl.constexpr, QUANT_MAX: tl.constexpr, QUANT_INT: tl.constexpr,
+    INT64_OFFSETS: tl.constexpr,  # a page or scale offset can pass 2**31 elements: 64-bit address math
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -149,21 +155,21 @@ def _paged_decode_kernel(
         q1 = tl.sum(q.to(tl.float32), axis=0) * qk_scale                       # [D]
         offsets = tl.arange(0, TILE_N)
         slots = tl.reshape(offsets, [REPEATS, ROWS])                           # [R, S] the tile's token offsets
-        block_ids = _table_entries(table, start + offsets, end, BLOCK_SIZE)    # [N] first tile's entries
+        block_ids = _table_entries(table, start + offsets, end, BLOCK_SIZE, INT64_OFFSETS)  # [N] first tile's entries
         m = tl.full([ROWS], float("-inf"), tl.float32)                         # running max per slot (base 2)
         l = tl.zeros([ROWS], tl.float32)                                       # running sum of exp2 per slot
         acc = tl.zeros([ROWS, HEAD_DIM_PAD], tl.float32)                       # [S, D]
         for tile_start in tl.range(start, end, TILE_N, num_stages=NUM_STAGES):
             tokens = tile_start + offsets                                      # [N]
-            next_ids = _table_entries(table, tokens + TILE_N, end, BLOCK_SIZE)  # a round ahead
+            next_ids = _table_entries(table, tokens + TILE_N, end, BLOCK_SIZE, INT64_OFFSETS)  # a round ahead
             k, v = _load_tile(k_base, v_base, block_ids, tokens, end, dims, dim_mask,
-                              stride_kb, stride_kt, stride_vb, stride_vt, BLOCK_SIZE)  # [N, D]
+                              stride_kb, stride_kt, stride_vb, stride_vt, BLOCK_SIZE, INT64_OFFSETS)  # [N, D]
             k = tl.reshape(k, [REPEATS, ROWS, HEAD_DIM_PAD])
             scores = tl.sum(k.to(tl.float32) * q1, axis=2)                     # [R, S]
             if PER_TOKEN_SCALES:
                 ks, vs = _load_tile_scales(k_scale_base, v_scale_base, tl.reshape(block_ids, [REPEATS, ROWS]),
                                            tile_start + slots, end, stride_ksb, stride_kst, stride_vsb, stride_vst,
-                                           BLOCK_SIZE)                         # [R, S]
+                                           BLOCK_SIZE, INT64_OFFSETS)          # [R, S]
                 scores = scores * ks
             scores = tl.where(tile_start + slots < end, scores, float("-inf"))
             m_new = tl.maximum(m, tl.max(scores, axis=0))                      # [S]
@@ -191,18 +197,18 @@ def _paged_decode_kernel(
         if DOT_IN_FP32:
             q = q.to(tl.float32)
         offsets = tl.arange(0, TILE_N)
-        block_ids = _table_entries(table, start + offsets, end, BLOCK_SIZE)    # [N] first tile's entries
+        block_ids = _table_entries(table, start + offsets, end, BLOCK_SIZE, INT64_OFFSETS)  # [N] first tile's entries
         m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
         l = tl.zeros([GROUP_PAD], tl.float32)
         acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], tl.float32)                  # [G, D]
         for tile_start in tl.range(start, end, TILE_N, num_stages=NUM_STAGES):
             tokens = tile_start + offsets
-            next_ids = _table_entries(table, tokens + TILE_N, end, BLOCK_SIZE)
+            next_ids = _table_entries(table, tokens + TILE_N, end, BLOCK_SIZE, INT64_OFFSETS)
             k, v = _load_tile(k_base, v_base, block_ids, tokens, end, dims, dim_mask,
-                              stride_kb, stride_kt, stride_vb, stride_vt, BLOCK_SIZE)
+                              stride_kb, stride_kt, stride_vb, stride_vt, BLOCK_SIZE, INT64_OFFSETS)
             if PER_TOKEN_SCALES:
                 ks, vs = _load_tile_scales(k_scale_base, v_scale_base, block_ids, tokens, end,
-                                           stride_ksb, stride_kst, stride_vsb, stride_vst, BLOCK_SIZE)
+                                           stride_ksb, stride_kst, stride_vsb, stride_vst, BLOCK_SIZE, INT64_OFFSETS)
             if DOT_IN_FP32 or QUANTIZED:  # fp8 / int8 values are exact in fp16 and fp32
                 k = k.to(q.dtype)
                 if PER_TOKEN_SCALES:
@@ -312,6 +318,13 @@ def decode_config(shape, dtype: torch.dtype, cache_dtype: torch.dtype = None) ->
     return DecodeConfig(tile=tile, num_warps=4, num_stages=1 if grouped and dtype == torch.float32 else 2)
 
 
+def needs_int64_offsets(*tensors) -> bool:
+    """Whether an element offset into any of `tensors` (None skipped) can reach 2**31: the kernel's block id x
+    stride products then need 64 bits, else 32-bit address math saves a fifth of the loop's instructions."""
+    return any(sum((size - 1) * stride for size, stride in zip(t.shape, t.stride())) >= 2**31
+               for t in tensors if t is not None)
+
+
 def one_head_rows(head_dim_pad: int, page_itemsize: int, num_warps: int, tile: int) -> int:
     """Row slots of the one-head loop: the tile rows one pass of the CTA's threads covers when each thread loads
     16-byte vectors of a row, so the [TILE_N // ROWS, ROWS, D] tile's first axis is each thread's repeats."""
@@ -358,7 +371,7 @@ def decode_launches(q, k_cache, v_cache, block_tables, seq_lens, shape, scale, o
         NUM_STAGES=config.num_stages, DOT_IN_FP32=q.dtype != torch.float16,
         DOT_PRECISION="tf32" if q.dtype == torch.bfloat16 else "ieee", HAS_STARTS=has_starts, FOLD_MERGE=fold_merge,
         SPLITS_PAD=splits_pad if fold_merge else 1, num_warps=config.num_warps,
-        **quant_constexprs(k_cache, k_scale),
+        **quant_constexprs(k_cache, k_scale), INT64_OFFSETS=needs_int64_offsets(k_cache, v_cache, k_scale, v_scale),
     ), (batch, shape.num_kv_heads, num_splits))]
     if num_splits > 1 and not fold_merge:
         launches.append((_merge_splits_kernel, (

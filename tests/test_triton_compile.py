@@ -29,16 +29,16 @@ CASES = ["decode-fp16-d64", "decode-bf16-d80-split8", "decode-bf16-d80-split8-me
 # 128-bit loads at 3 CTAs per SM (the converted tiles cost registers): 1.9x the need on triton 3.9.
 # Instructions per K/V page byte (scales excluded): the H100 ran the quantized loops at 2.5-3.7 warp
 # instructions per SM per ns (kvkernels/static_model.py), so a loop above ~0.16 per byte cannot stream 3 TB/s.
-# One head's row slots (no per-tile cross-warp reduction) measure 0.10 (fp16) / 0.15-0.16 (fp8, int8) on triton
-# 3.6 and 3.9, 0.13 / 0.19-0.21 before; grouped fp8 / int8 pages still 0.31-0.33 on triton 3.6, 0.28-0.30 on 3.9
-# (V's bytes gathered one by one for the dot), fp16 0.09.
+# With one head's row slots (no per-tile cross-warp reduction) and 32-bit address math, triton 3.6 / 3.9:
+# one head 0.084 / 0.082 (fp16), 0.137 / 0.145 (fp8), 0.146 / 0.153 (int8), against 0.13 / 0.21 before;
+# grouped heads 0.067 / 0.061 (fp16), 0.29 / 0.25 (fp8), 0.30 / 0.27 (int8: V's bytes gathered one by one).
 DESIGN_POINTS = {
-    "gpt2-split22": (False, False, 2 * 64 * 64 * 2, 128, 4, 0.115),
-    "gqa-32x8-d128-split8": (True, False, 2 * 32 * 128 * 2, 128, 4, 0.095),
-    "gpt2-fp8-split22": (False, True, 2 * 128 * 64, 128, 4, 0.17),
-    "gpt2-int8-split22": (False, True, 2 * 128 * 64, 128, 4, 0.17),
-    "gqa-32x8-d128-fp8-split8": (True, True, 2 * 32 * 128, 64, 1.5, 0.35),
-    "gqa-32x8-d128-int8-split8": (True, True, 2 * 32 * 128, 64, 1.5, 0.35),
+    "gpt2-split22": (False, False, 2 * 64 * 64 * 2, 128, 4, 0.095),
+    "gqa-32x8-d128-split8": (True, False, 2 * 32 * 128 * 2, 128, 4, 0.075),
+    "gpt2-fp8-split22": (False, True, 2 * 128 * 64, 128, 4, 0.16),
+    "gpt2-int8-split22": (False, True, 2 * 128 * 64, 128, 4, 0.16),
+    "gqa-32x8-d128-fp8-split8": (True, True, 2 * 32 * 128, 64, 1.5, 0.33),
+    "gqa-32x8-d128-int8-split8": (True, True, 2 * 32 * 128, 64, 1.5, 0.33),
 }
 DESIGN_POINTS.update({name + "-folded": DESIGN_POINTS[name] for name in ("gpt2-split22", "gqa-32x8-d128-split8")})
 FOLDED = sorted(name for name in DESIGN_POINTS if name.endswith("-folded"))
