@@ -20,7 +20,8 @@ byte and sustained 2.5-3.0 (one head) and 3.3-3.7 (grouped heads) warp instructi
 capped at ISSUE_RATE / (its loop's warp instructions per K/V byte, scales included), ISSUE_RATE the highest
 rate a Triton loop sustained (about 47% of the 4 warp instructions per clock an SM can issue, at 1.98 GHz). An upper bound: the one-head
 loops ran 20-30% under it.
-The CUDA kernel (csrc/) is modelled from its sm_90 register table only (kvkernels/cuda_ext.py).
+The CUDA kernel (csrc/) is modelled from its sm_90 register table (kvkernels/cuda_ext.py) and, at the modelled
+points, its main loop's instruction count (CUDA_SM90_LOOP_INSTRUCTIONS).
 
 Needs a triton with the NVIDIA backend and TRITON_INTERPRET unset: run it in its own process
 (`python -m kvkernels.static_model`, `python -m kvkernels.static_model --quant` for fp8 / int8 pages
@@ -172,6 +173,19 @@ def _load_groups(body):
     return groups
 
 
+def loop_instructions(sass: str) -> int:
+    """Instructions in the main loop of one function's SASS."""
+    return len(_main_loop([(int(a, 16), op, ops) for a, _, op, ops in _INSTR.findall(sass)]))
+
+
+def _cuobjdump_sass_functions(path: str) -> dict:
+    """{mangled name: SASS} of every sm_90 function in a cubin or an object file with an embedded fatbin."""
+    sass = subprocess.run([_cuobjdump(), "-sass", "-arch", "sm_90", path], capture_output=True, text=True,
+                          check=True).stdout
+    parts = re.split(r"\n\s+Function : (\S+)\n", sass)
+    return dict(zip(parts[1::2], parts[2::2]))
+
+
 def analyse(kernel) -> dict:
     """Resource usage and the main loop's loads of a CompiledKernel for sm_90."""
     usage = _RESOURCES.search(_cuobjdump_run(kernel.asm["cubin"], "--dump-resource-usage"))
@@ -280,18 +294,29 @@ def cuda_round_tokens(point: DecodePoint) -> int:
     return 128 // lanes * tokens
 
 
+# Main-loop instructions of csrc's decode kernel on sm_90 for the modelled points, q fp16: (page dtype, head dim,
+# group tile) -> instructions per round (nvcc 13.0, 2026-11-24; tests/test_cuda_ext.py reads them from the build).
+CUDA_SM90_LOOP_INSTRUCTIONS = {("float16", 64, 1): 321, ("float8_e4m3fn", 64, 1): 848, ("int8", 64, 1): 932,
+                               ("float16", 128, 4): 432, ("float8_e4m3fn", 128, 4): 910, ("int8", 128, 4): 943}
+
+
 def model_cuda_point(point: DecodePoint, sms: int = SMS) -> dict:
     """The CUDA kernel at `point` from its sm_90 register table: a round's K and V rows (and fp8 / int8 pages'
-    scales) issued together, the next round's table entry looked up ahead (one DRAM latency per round)."""
+    scales) issued together, the next round's table entry looked up ahead (one DRAM latency per round); capped by
+    instruction issue where CUDA_SM90_LOOP_INSTRUCTIONS has the point."""
     page_bytes = getattr(torch, point.cache_dtype or point.dtype).itemsize
     group = point.num_heads // point.num_kv_heads
-    chunks, _ = cuda_ext.head_chunking(group)
+    chunks, group_tile = cuda_ext.head_chunking(group)
     ctas = cuda_ext.decode_ctas_per_sm(page_bytes, group)
     splits = cuda_ext.num_splits(point.batch, point.num_kv_heads, group, point.context, sms, page_bytes)
     programs = point.batch * point.num_kv_heads * chunks * splits
-    per_cta = cuda_round_tokens(point) * (point.head_dim * page_bytes + (4 if point.cache_dtype else 0)) * 2
-    return _throughput(dict(point=point.name, kernel="cuda paged_decode_kernel", splits=splits, programs=programs,
-                            ctas_per_sm=ctas, bytes_in_flight_per_cta=per_cta), sms)
+    round_bytes = cuda_round_tokens(point) * kv_row_bytes(point) * 2
+    row = dict(point=point.name, kernel="cuda paged_decode_kernel", splits=splits, programs=programs,
+               ctas_per_sm=ctas, bytes_in_flight_per_cta=round_bytes)
+    instructions = CUDA_SM90_LOOP_INSTRUCTIONS.get((point.cache_dtype or point.dtype, point.head_dim, group_tile))
+    if point.dtype == "float16" and instructions:
+        row["instructions_per_kv_byte"] = round(instructions * (cuda_ext.DECODE_THREADS // 32) / round_bytes, 4)
+    return _throughput(row, sms)
 
 
 def _throughput(row: dict, sms: int) -> dict:

@@ -54,15 +54,22 @@ def _compile_commands(out_dir: Path):
     return commands
 
 
-@pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH: cannot compile csrc/")
-def test_csrc_compiles_for_sm80_and_sm90_without_spills(tmp_path):
-    commands = _compile_commands(tmp_path)
-    assert len(commands) == len(cuda_ext.SOURCES), "every source in cuda_ext.SOURCES is compiled here"
+@pytest.fixture(scope="module")
+def compiled_csrc(tmp_path_factory):
+    """csrc/ compiled once for sm_80 and sm_90: (commands, results, the objects' directory)."""
+    out_dir = tmp_path_factory.mktemp("csrc")
+    commands = _compile_commands(out_dir)
     start = time.perf_counter()
     with ThreadPoolExecutor(max_workers=len(os.sched_getaffinity(0))) as pool:  # more jobs than cores only thrash
         results = list(pool.map(lambda cmd: subprocess.run(cmd, capture_output=True, text=True), commands))
-    elapsed = time.perf_counter() - start
-    print(f"compiled {len(commands)} sources for sm_{'/sm_'.join(COMPILE_ARCHS)} in {elapsed:.1f} s")
+    print(f"compiled {len(commands)} sources for sm_{'/sm_'.join(COMPILE_ARCHS)} in {time.perf_counter() - start:.1f} s")
+    return commands, results, out_dir
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH: cannot compile csrc/")
+def test_csrc_compiles_for_sm80_and_sm90_without_spills(compiled_csrc):
+    commands, results, _ = compiled_csrc
+    assert len(commands) == len(cuda_ext.SOURCES), "every source in cuda_ext.SOURCES is compiled here"
     for cmd, result in zip(commands, results):
         assert result.returncode == 0, f"{Path(cmd[2]).name} failed to compile:\n{result.stderr[-6000:]}"
     # Every kernel keeps its state in registers: a spill to local memory would slow every decode step.
@@ -86,6 +93,23 @@ def test_csrc_compiles_for_sm80_and_sm90_without_spills(tmp_path):
         element_size = 1 if pages in ("13__nv_fp8_e4m3", "a") else 4 if scalar == "f" else 2
         key = (element_size, int(tile))
         assert int(registers) <= cuda_ext.SM90_DECODE_REGISTERS[key], (scalar, pages, tile, registers)
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH: cannot compile csrc/")
+def test_static_model_reads_the_kernels_loop_instructions(compiled_csrc):
+    """The static model's instruction-issue cap for the CUDA kernel uses its main loop's sm_90 instruction count
+    at the modelled points (q fp16): the table must be the compiled kernel's, within 5% (another nvcc)."""
+    from kvkernels import static_model
+    _, results, out_dir = compiled_csrc
+    assert all(r.returncode == 0 for r in results)
+    mangled_pages = {"float16": "S1_", "float8_e4m3fn": "13__nv_fp8_e4m3", "int8": "a"}
+    objects = {"float16": "paged_decode_fp16.o", "float8_e4m3fn": "paged_decode_fp8.o", "int8": "paged_decode_int8.o"}
+    for (pages, head_dim, tile), table in static_model.CUDA_SM90_LOOP_INSTRUCTIONS.items():
+        sass = static_model._cuobjdump_sass_functions(str(out_dir / objects[pages]))
+        name = next(n for n in sass if re.search(rf"paged_decode_kernelI6__half{mangled_pages[pages]}Li{head_dim}E"
+                                                  rf"Li{tile}E", n))
+        instructions = static_model.loop_instructions(sass[name])
+        assert abs(instructions - table) <= 0.05 * table, (pages, head_dim, tile, instructions, table)
 
 
 ROUND_LAYOUT = """
