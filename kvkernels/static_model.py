@@ -18,14 +18,15 @@ TB/s where the bandwidth model said 3.0: their loops issued 1.6-3.8x fp16 pages'
 byte and sustained 2.5-3.0 (one head) and 3.3-3.7 (grouped heads) warp instructions per SM per ns
 (`--issue-rates`, bench/results/issue_rates_h100_2026-11-24.md), so the decode kernel's modelled TB/s is also
 capped at ISSUE_RATE / (its loop's warp instructions per K/V byte, scales included), ISSUE_RATE the highest
-rate a Triton loop sustained (about 47% of the 4 warp instructions per clock an SM can issue, at 1.98 GHz). An upper bound: the one-head
-loops ran 20-30% under it.
+rate a Triton loop sustained (about 47% of the 4 warp instructions per clock an SM can issue, at 1.98 GHz).
+An upper bound: the one-head loops ran 20-30% under it.
 The CUDA kernel (csrc/) is modelled from its sm_90 register table (kvkernels/cuda_ext.py) and, at the modelled
 points, its main loop's instruction count (CUDA_SM90_LOOP_INSTRUCTIONS).
 
 Needs a triton with the NVIDIA backend and TRITON_INTERPRET unset: run it in its own process
 (`python -m kvkernels.static_model`, `python -m kvkernels.static_model --quant` for fp8 / int8 pages
-against fp16, `python -m kvkernels.static_model --issue-rates bench/results/kernels/*/kernels.json`, `python -m bench.kernels --static`, tests/compile_sm90.py).
+against fp16, `python -m kvkernels.static_model --issue-rates bench/results/kernels/*/kernels.json`,
+`python -m bench.kernels --static`, tests/compile_sm90.py).
 """
 import dataclasses
 import functools
@@ -173,12 +174,17 @@ def _load_groups(body):
     return groups
 
 
+def _instructions(sass: str) -> list:
+    """[(address, opcode, operands)] of one function's SASS."""
+    return [(int(a, 16), op, ops) for a, _, op, ops in _INSTR.findall(sass)]
+
+
 def loop_instructions(sass: str) -> int:
     """Instructions in the main loop of one function's SASS."""
-    return len(_main_loop([(int(a, 16), op, ops) for a, _, op, ops in _INSTR.findall(sass)]))
+    return len(_main_loop(_instructions(sass)))
 
 
-def _cuobjdump_sass_functions(path: str) -> dict:
+def cuobjdump_sass_functions(path: str) -> dict:
     """{mangled name: SASS} of every sm_90 function in a cubin or an object file with an embedded fatbin."""
     sass = subprocess.run([_cuobjdump(), "-sass", "-arch", "sm_90", path], capture_output=True, text=True,
                           check=True).stdout
@@ -191,7 +197,7 @@ def analyse(kernel) -> dict:
     usage = _RESOURCES.search(_cuobjdump_run(kernel.asm["cubin"], "--dump-resource-usage"))
     regs, stack, static_shared, local = (int(g) for g in usage.groups())
     sass = _cuobjdump_run(kernel.asm["cubin"], "-sass")
-    instructions = [(int(a, 16), op, ops) for a, _, op, ops in _INSTR.findall(sass)]
+    instructions = _instructions(sass)
     body = _main_loop(instructions)
     loads = [op for _, op, _ in body if _GLOBAL_LOAD.match(op)]
     groups = _load_groups(body)

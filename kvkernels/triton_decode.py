@@ -141,6 +141,8 @@ def _paged_decode_kernel(
     table = block_tables_ptr + seq.to(tl.int64) * stride_tb
     k_base = k_cache_ptr + kv_head.to(tl.int64) * stride_kh
     v_base = v_cache_ptr + kv_head.to(tl.int64) * stride_vh
+    offsets = tl.arange(0, TILE_N)
+    block_ids = _table_entries(table, start + offsets, end, BLOCK_SIZE, INT64_OFFSETS)  # [N] first tile's entries
     k_scale_base = k_scale_ptr + kv_head.to(tl.int64) * stride_ksh
     v_scale_base = v_scale_ptr + kv_head.to(tl.int64) * stride_vsh
     if QUANTIZED and not PER_TOKEN_SCALES:
@@ -153,9 +155,7 @@ def _paged_decode_kernel(
         # few lanes: no per-tile cross-warp max, sum or accumulator reduction, so no barrier.
         REPEATS: tl.constexpr = TILE_N // ROWS
         q1 = tl.sum(q.to(tl.float32), axis=0) * qk_scale                       # [D]
-        offsets = tl.arange(0, TILE_N)
         slots = tl.reshape(offsets, [REPEATS, ROWS])                           # [R, S] the tile's token offsets
-        block_ids = _table_entries(table, start + offsets, end, BLOCK_SIZE, INT64_OFFSETS)  # [N] first tile's entries
         m = tl.full([ROWS], float("-inf"), tl.float32)                         # running max per slot (base 2)
         l = tl.zeros([ROWS], tl.float32)                                       # running sum of exp2 per slot
         acc = tl.zeros([ROWS, HEAD_DIM_PAD], tl.float32)                       # [S, D]
@@ -196,8 +196,6 @@ def _paged_decode_kernel(
         # interpreter has no bf16 dot, so the tested path is the one that runs.
         if DOT_IN_FP32:
             q = q.to(tl.float32)
-        offsets = tl.arange(0, TILE_N)
-        block_ids = _table_entries(table, start + offsets, end, BLOCK_SIZE, INT64_OFFSETS)  # [N] first tile's entries
         m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
         l = tl.zeros([GROUP_PAD], tl.float32)
         acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], tl.float32)                  # [G, D]

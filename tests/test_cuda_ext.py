@@ -62,7 +62,8 @@ def compiled_csrc(tmp_path_factory):
     start = time.perf_counter()
     with ThreadPoolExecutor(max_workers=len(os.sched_getaffinity(0))) as pool:  # more jobs than cores only thrash
         results = list(pool.map(lambda cmd: subprocess.run(cmd, capture_output=True, text=True), commands))
-    print(f"compiled {len(commands)} sources for sm_{'/sm_'.join(COMPILE_ARCHS)} in {time.perf_counter() - start:.1f} s")
+    elapsed = time.perf_counter() - start
+    print(f"compiled {len(commands)} sources for sm_{'/sm_'.join(COMPILE_ARCHS)} in {elapsed:.1f} s")
     return commands, results, out_dir
 
 
@@ -105,7 +106,7 @@ def test_static_model_reads_the_kernels_loop_instructions(compiled_csrc):
     mangled_pages = {"float16": "S1_", "float8_e4m3fn": "13__nv_fp8_e4m3", "int8": "a"}
     objects = {"float16": "paged_decode_fp16.o", "float8_e4m3fn": "paged_decode_fp8.o", "int8": "paged_decode_int8.o"}
     for (pages, head_dim, tile), table in static_model.CUDA_SM90_LOOP_INSTRUCTIONS.items():
-        sass = static_model._cuobjdump_sass_functions(str(out_dir / objects[pages]))
+        sass = static_model.cuobjdump_sass_functions(str(out_dir / objects[pages]))
         name = next(n for n in sass if re.search(rf"paged_decode_kernelI6__half{mangled_pages[pages]}Li{head_dim}E"
                                                   rf"Li{tile}E", n))
         instructions = static_model.loop_instructions(sass[name])
