@@ -31,9 +31,10 @@ LOG2_E = 1.4426950408889634
 # CTAs per SM of the split decode kernel on sm_90 by (grouped heads, fp8 / int8 pages): the static model
 # (kvkernels/static_model.py, 2026-11-24, row slots and 32-bit offsets: one head 9 with triton 3.9 and 3.6
 # (before them 7 and 6), grouped heads 7 and 6; quantized pages 4-5 (96-128 registers) with triton 3.9 and 4
-# (105) with triton 3.6, the GPU machine's, grouped 3 and 3). Lower bounds: the one-head and grouped fp16
-# entries keep the 6 and 5 the CPU's split counts were tested with; tests/test_triton_compile.py fails when the
-# compiled kernel fits fewer. Used where no compiled kernel can be asked (the CPU interpreter).
+# (105) with triton 3.6, the GPU machine's, grouped 4 and 4 with fp16 q (2026-11-25; 3 with bf16 q). Lower
+# bounds: the one-head and grouped fp16 entries keep the 6 and 5 the CPU's split counts were tested with;
+# tests/test_triton_compile.py fails when the compiled kernel fits fewer. Used where no compiled kernel can be
+# asked (the CPU interpreter).
 STATIC_CTAS_PER_SM = {(False, False): 6, (True, False): 5, (False, True): 4, (True, True): 3}
 
 
@@ -99,11 +100,28 @@ def _load_tile_scales(k_scale_base, v_scale_base, block_ids, tokens, end,
 
 
 @triton.jit
+def _dequantized(x, one, DOT_IN_FP32: tl.constexpr, QUANT_INT: tl.constexpr):
+    # fp8 / int8 page values, exact in fp16 and fp32, as the dot's dtype (fp32 if DOT_IN_FP32, else fp16), times
+    # `one`. A runtime 1.0 there keeps the conversion before the shared-memory round trip that lays V out for
+    # P.V: Triton's layout passes move a dot operand's elementwise producers past that round trip unless one
+    # leaf is a runtime value, and 8-bit values, which ldmatrix cannot transpose, are then gathered one byte per
+    # load. int8 to fp16 by bits: 0x6480 ^ the byte is the fp16 1152 + x (offset binary under exponent 2**10),
+    # so it costs an integer op per value and a subtraction per pair, where Triton's cast converts twice.
+    dtype: tl.constexpr = tl.float32 if DOT_IN_FP32 else tl.float16
+    if QUANT_INT and not DOT_IN_FP32:
+        values = (x.to(tl.uint8, bitcast=True).to(tl.uint16) ^ 0x6480).to(tl.float16, bitcast=True) - 1152.0 * one
+    else:
+        values = x.to(dtype) * one
+    return values
+
+
+@triton.jit
 def _paged_decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, seq_starts_ptr,
     out_ptr, partial_out_ptr, partial_lse_ptr, split_counters_ptr,
     k_scale_ptr, v_scale_ptr,  # fp32 scales of fp8 / int8 pages; unread otherwise
     qk_scale,  # softmax scale * log2(e): the kernel works in base 2
+    one,  # 1.0, a runtime value (_dequantized)
     stride_qb, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
@@ -207,12 +225,11 @@ def _paged_decode_kernel(
             if PER_TOKEN_SCALES:
                 ks, vs = _load_tile_scales(k_scale_base, v_scale_base, block_ids, tokens, end,
                                            stride_ksb, stride_kst, stride_vsb, stride_vst, BLOCK_SIZE, INT64_OFFSETS)
-            if DOT_IN_FP32 or QUANTIZED:  # fp8 / int8 values are exact in fp16 and fp32
+            if QUANTIZED:
+                k = _dequantized(k, 1.0, DOT_IN_FP32, QUANT_INT)
+                v = _dequantized(v, tl.cast(one, q.dtype), DOT_IN_FP32, QUANT_INT)  # converted before P.V transposes it
+            elif DOT_IN_FP32:
                 k = k.to(q.dtype)
-                if PER_TOKEN_SCALES:
-                    # V's scales into V's rows, not into p: p * scale in fp16 would fall to subnormals
-                    # (spacing 6e-8) over a long, flat context
-                    v = v.to(tl.float32) * vs[:, None]
                 v = v.to(q.dtype)
             scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [G, N]
             if PER_TOKEN_SCALES:
@@ -222,10 +239,15 @@ def _paged_decode_kernel(
             p = tl.exp2(scores - m_new[:, None])                               # [G, N]
             alpha = tl.exp2(m - m_new)
             l = l * alpha + tl.sum(p, axis=1)
+            if PER_TOKEN_SCALES:
+                # V's scales into p as p x (scale x QUANT_MAX) = p x the row's absmax: the range p x V has with
+                # 16-bit pages, so rounding p to fp16 loses no more than it does there (p x scale alone falls
+                # to fp16's subnormals over a long, flat context); the sum l is scaled to match after the loop
+                p = p * (vs * QUANT_MAX)[None, :]
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
             m = m_new
             block_ids = next_ids
-        out = acc / l[:, None]
+        out = acc / (l * QUANT_MAX if PER_TOKEN_SCALES else l)[:, None]
         lse = m + tl.log2(l)
     if QUANTIZED and not PER_TOKEN_SCALES:
         out = out * tl.load(v_scale_base)                                      # static: V's scale once
@@ -302,16 +324,17 @@ def decode_config(shape, dtype: torch.dtype, cache_dtype: torch.dtype = None) ->
 
     8 KB of K (and 8 KB of V) per tile, issued together by a 4-warp program: at 5-7 CTAs per SM several
     times the ~16 KB per SM an H100 needs in flight, and small enough that fp32 tiles do not spill.
-    fp8 / int8 pages are converted to q's dtype (grouped dots) or fp32 (one head) in registers, so their tile
-    is sized by q's dtype: one fp16 / bf16 head reads twice the tokens (the same 8 KB); grouped heads read
-    fp16's tokens (half the bytes: twice the tokens fit 2 CTAs per SM, these 3), and grouped fp32 dots
-    pipeline nothing (two stages of converted tiles spill)."""
+    fp8 / int8 pages are converted in registers, to fp32 (one head) or to the dot's dtype (grouped heads: fp16
+    for fp16 q, else fp32). Where the converted tile fits, they read twice the tokens of q's dtype: the same 8 KB,
+    and half the per-tile instructions (softmax, accumulator rescale, q's operand loads) per byte, which bound
+    these loops (static_model.ISSUE_RATE). Grouped fp32 dots keep q's tile (bf16's doubled one spills), and for
+    fp32 q pipeline nothing (two stages of converted tiles spill)."""
     head_dim_pad = max(16, next_power_of_2(shape.head_dim))
     tile = max(16, min(128, 8192 // (head_dim_pad * dtype.itemsize)))
     if not is_quantized(cache_dtype):
         return DecodeConfig(tile=tile, num_warps=4, num_stages=2)
     grouped = shape.num_heads > shape.num_kv_heads
-    if not grouped and dtype.itemsize == 2:
+    if dtype == torch.float16 or (dtype == torch.bfloat16 and not grouped):
         tile = min(128, 2 * tile)
     return DecodeConfig(tile=tile, num_warps=4, num_stages=1 if grouped and dtype == torch.float32 else 2)
 
@@ -353,7 +376,7 @@ def decode_launches(q, k_cache, v_cache, block_tables, seq_lens, shape, scale, o
         q, k_cache, v_cache, block_tables, seq_lens, starts, out, partial_out, partial_lse,
         split_counters if fold_merge else seq_lens,  # unused without the fold
         k_cache if k_scale is None else k_scale, v_cache if v_scale is None else v_scale,  # unread without scales
-        scale * LOG2_E,
+        scale * LOG2_E, 1.0,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),

@@ -4,6 +4,8 @@ import types
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import kvkernels
 from kvkernels import reference, triton_decode
@@ -100,14 +102,39 @@ def test_triton_decode_split_k(cache_dtype, num_splits, heads, fold):
         assert (counters == 0).all(), "the folded merge leaves its counters at zero"
 
 
+@triton.jit
+def _dequantized_kernel(pages_ptr, out_ptr, one, DOT_IN_FP32: tl.constexpr, QUANT_INT: tl.constexpr):
+    offsets = tl.arange(0, 256)
+    one = tl.cast(one, tl.float32 if DOT_IN_FP32 else tl.float16)
+    values = triton_decode._dequantized(tl.load(pages_ptr + offsets), one, DOT_IN_FP32, QUANT_INT)
+    tl.store(out_ptr + offsets, values)
+
+
+@pytest.mark.parametrize("cache_dtype", CACHE_DTYPES, ids=IDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_grouped_loop_converts_every_page_byte_exactly(cache_dtype, dtype):
+    """The grouped loop's conversion of page values to its dot's dtype (int8 to fp16 by bits, not a cast) is
+    exact for every byte, -128 included. (fp8's two NaN bytes are left out: Triton's interpreter reads them
+    as +-480, the GPU's conversion instruction as NaN.)"""
+    pages = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(cache_dtype)
+    out = torch.full((256,), float("nan"), dtype=dtype, device=DEVICE)
+    _dequantized_kernel[(1,)](pages.to(DEVICE), out, 1.0, DOT_IN_FP32=dtype == torch.float32,
+                              QUANT_INT=cache_dtype == torch.int8)
+    expected = pages.to(dtype)
+    assert expected.isnan().sum() == (2 if cache_dtype == torch.float8_e4m3fn else 0)
+    finite = ~expected.isnan()
+    torch.testing.assert_close(out.cpu()[finite], expected[finite], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("cache_dtype", CACHE_DTYPES, ids=IDS)
 def test_triton_decode_fp16_long_flat_context_small_values(cache_dtype):
-    """fp16 grouped heads over 1500 tokens of equal weight and small V (scales ~1e-5): each p * V-scale is
-    ~1e-8, below fp16's subnormal spacing, so V's scales must go into V's rows, not into p."""
+    """fp16 grouped heads over 1500 tokens of equal weight (every p = 1 before the division by their sum) and
+    small V (~4e-4: scales ~1e-6 fp8 / 3e-6 int8): p x scale falls among fp16's subnormals (spacing 6e-8), so
+    V's scales go into p only as p x scale x QUANT_MAX, p x the row's absmax: V's own range."""
     p, *pool = quantized_problem([1500], cache_dtype, dtype=torch.float16, num_heads=4, num_kv_heads=1,
                                  head_dim=16, block_size=16, device=DEVICE)
-    p.q.zero_()  # flat attention: every p = 1 / 1500
-    pool[3].mul_(1e-3)  # V's values ~4e-3: scales ~1e-5 (fp8) / 3e-5 (int8)
+    p.q.zero_()  # flat attention
+    pool[3].mul_(1e-4)  # V's scales, so its values ~4e-4
     check_decode(p, *pool)
 
 
