@@ -99,8 +99,13 @@ class _Runner:
         self.attn = torch.empty_like(self.q)                                        # [B, H, D]
         # A split attention merges in its own last program (no merge launch); the kernel leaves these zero.
         self.split_counters = torch.zeros(batch, self.num_heads, dtype=torch.int32, device=weight.device)
+        vocab = lm_head.out_features
+        # The split-K GEMMs' partials and counters, sized for the step's GEMMs ([(K, N)]): no step allocates.
+        gemms = [(embed_dim, 3 * embed_dim), (embed_dim, embed_dim), (embed_dim, inner_dim), (inner_dim, embed_dim),
+                 (embed_dim, vocab)]
+        self.workspace = self.ops.gemm_workspace(batch, gemms, weight.dtype, weight.device)
         self.hidden = weight.new_empty(batch, inner_dim)                            # MLP activations [B, 4E]
-        self.logits = torch.empty(batch, lm_head.out_features, dtype=torch.float32, device=weight.device)
+        self.logits = torch.empty(batch, vocab, dtype=torch.float32, device=weight.device)
         if pool.quantized:
             # fp8 / int8 pages: the fused QKV kernel writes this step's K and V into a one-slot-per-row staging
             # pool (block b = row b, position 0), then write_kv_cache quantizes them into their slots (the
@@ -169,21 +174,24 @@ class _Runner:
             attn, mlp = block.attn, block.mlp
             if pool.quantized:
                 ops.qkv_write(x, _norm(block.ln_1), attn.c_attn.weight, attn.c_attn.bias, self.q, self.k_new,
-                              self.v_new, self.stage_table, self.stage_position)
+                              self.v_new, self.stage_table, self.stage_position, workspace=self.workspace)
                 pool.append(layer, self.k_new.view(self.q.shape), self.v_new.view(self.q.shape), self.slots)
             else:
                 ops.qkv_write(x, _norm(block.ln_1), attn.c_attn.weight, attn.c_attn.bias, self.q,
-                              pool.k_pools[layer], pool.v_pools[layer], self.tables, state.lengths)
+                              pool.k_pools[layer], pool.v_pools[layer], self.tables, state.lengths,
+                              workspace=self.workspace)
             paged_decode_attention(self.q, pool.k_pools[layer], pool.v_pools[layer], self.tables, self.seq_lens,
                                    scale=self.scales[layer], k_scale=pool.k_scales[layer],
                                    v_scale=pool.v_scales[layer], backend=pool.backend, validate=False, out=self.attn,
                                    split_counters=self.split_counters)
-            ops.linear(self.attn.view(x.shape), attn.c_proj.weight, attn.c_proj.bias, x, residual=True)
+            ops.linear(self.attn.view(x.shape), attn.c_proj.weight, attn.c_proj.bias, x, residual=True,
+                       workspace=self.workspace)
             ops.linear(x, mlp.c_fc.weight, mlp.c_fc.bias, self.hidden, layer_norm=_norm(block.ln_2),
-                       gelu=self.fused_gelu)
+                       gelu=self.fused_gelu, workspace=self.workspace)
             hidden = self.hidden if self.fused_gelu else mlp.act(self.hidden)
-            ops.linear(hidden, mlp.c_proj.weight, mlp.c_proj.bias, x, residual=True)
-        ops.linear(x, self.lm_head.weight.t(), self.lm_head.bias, self.logits, layer_norm=_norm(base.ln_f))
+            ops.linear(hidden, mlp.c_proj.weight, mlp.c_proj.bias, x, residual=True, workspace=self.workspace)
+        ops.linear(x, self.lm_head.weight.t(), self.lm_head.bias, self.logits, layer_norm=_norm(base.ln_f),
+                   workspace=self.workspace)
         # Finished sequences stop growing (grow skips them): their next, ignored token overwrites the same slot.
         self.select(self.logits, state, grow=True)
 

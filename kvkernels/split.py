@@ -1,4 +1,5 @@
-"""How many context partitions (split-K / flash-decoding) a decode launch uses.
+"""How many context partitions (split-K / flash-decoding) a decode launch uses, and how the decode step's skinny
+GEMMs split their K.
 
 Shared by the Triton and CUDA backends so both split the same way. The host picks only a static
 maximum (from the table's capacity, never from seq_lens, so no device sync and CUDA-graph safe);
@@ -80,3 +81,34 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, sm_count:
     times = {s: modelled_latencies(programs, s, slots, max_context, tile) for s in range(1, cap + 1)}
     best = min(times.values())
     return min(s for s, t in times.items() if t <= best * (1 + SPLIT_GAIN))
+
+
+# Split K until a GEMM launches about this many programs per SM (or each split has one BLOCK_K): two keep a
+# weight tile or more in flight on every SM while the other waits on its reduction.
+SPLIT_K_PROGRAMS_PER_SM = 2
+
+
+def split_k(tiles: int, K: int, block_k: int, sms: int):
+    """(splits, k_chunk): how many programs share each output tile's K, and the K rows each streams (a multiple
+    of block_k; the last split may get fewer)."""
+    k_blocks = cdiv(K, block_k)
+    wanted = max(1, min(k_blocks, round(SPLIT_K_PROGRAMS_PER_SM * sms / tiles)))
+    chunk_blocks = cdiv(k_blocks, wanted)
+    return cdiv(k_blocks, chunk_blocks), chunk_blocks * block_k
+
+
+class GemmWorkspace:
+    """The split-K GEMMs' fp32 partials and int32 arrival counters, shared by the GEMMs of a stream (they run one
+    after another). Every split GEMM leaves the counters at zero, so a captured step replays with them; the
+    buffers only grow, which the warm-up steps before a capture do."""
+
+    def __init__(self, device):
+        self.partials = torch.empty(0, dtype=torch.float32, device=device)
+        self.counters = torch.zeros(0, dtype=torch.int32, device=device)
+
+    def reserve(self, partials: int, counters: int):
+        if self.partials.numel() < partials:
+            self.partials = torch.empty(partials, dtype=torch.float32, device=self.partials.device)
+        if self.counters.numel() < counters:
+            self.counters = torch.zeros(counters, dtype=torch.int32, device=self.counters.device)
+        return self.partials, self.counters

@@ -20,8 +20,8 @@ def _layer_norm(x, layer_norm):
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
 
-def linear(x, weight, bias, out, *, layer_norm=None, gelu=False, residual=False):
-    """out = [out +] gelu?(LayerNorm?(x) @ weight + bias) (see triton_step.linear)."""
+def linear(x, weight, bias, out, *, layer_norm=None, gelu=False, residual=False, workspace=None):
+    """out = [out +] gelu?(LayerNorm?(x) @ weight + bias) (see triton_step.linear; addmm needs no workspace)."""
     if layer_norm is not None:
         x = _layer_norm(x, layer_norm)
     y = x @ weight if bias is None else torch.addmm(bias, x, weight)                # [M, N], the model dtype
@@ -30,8 +30,14 @@ def linear(x, weight, bias, out, *, layer_norm=None, gelu=False, residual=False)
     out.copy_(out + y if residual else y)
 
 
-def qkv_write(x, layer_norm, weight, bias, q, k_cache, v_cache, block_tables, lengths):
-    """[q | k | v] = LayerNorm(x) @ weight + bias; q out, k and v into slot `lengths[b]` of each row's pages."""
+def gemm_workspace(M, shapes, dtype, device):
+    """None: addmm splits nothing (see triton_step.gemm_workspace)."""
+    return None
+
+
+def qkv_write(x, layer_norm, weight, bias, q, k_cache, v_cache, block_tables, lengths, *, workspace=None):
+    """[q | k | v] = LayerNorm(x) @ weight + bias; q out, k and v into slot `lengths[b]` of each row's pages (see
+    triton_step.qkv_write; addmm needs no workspace)."""
     batch = x.shape[0]
     _, block_size, heads, head_dim = k_cache.shape
     query, key, value = torch.addmm(bias, _layer_norm(x, layer_norm), weight).view(batch, 3, heads, head_dim).unbind(1)

@@ -10,9 +10,13 @@ five launches per layer plus three around them (`kvkernels.generation` strings t
     linear          mlp c_proj GEMM + bias + residual, in place on x
     linear          LayerNorm (ln_f) -> lm_head GEMM -> float32 logits
     update_state    greedy argmax (repetition penalty applied) + EOS / output / length bookkeeping (the epilogue)
-The GEMMs are skinny (M = batch): each program owns BLOCK_N output columns for BLOCK_M rows and streams its
-[K, BLOCK_N] slice of the weight once. A LayerNorm before a GEMM is recomputed by every program from the rows
-it reads anyway (M x K elements, a few KB, in cache), which is what lets it disappear as a launch.
+The GEMMs are skinny (M = batch): each program owns BLOCK_N output columns for BLOCK_M rows and streams a
+[K / splits, BLOCK_N] slice of the weight once. N / BLOCK_N column tiles alone are too few programs to stream a
+small weight from 132 SMs (GPT-2's c_proj: 24), so K is split until there are about two programs per SM; every
+split stores its fp32 partial, and the last of a tile's splits to arrive (an atomic counter, left at zero for
+the next launch or graph replay) sums them in split order, so the result does not depend on arrival order,
+and runs the epilogue. A LayerNorm before a GEMM is recomputed by every program from the rows it reads anyway
+(M x K elements, a few KB, in cache), which is what lets it disappear as a launch.
 Numerics follow the unfused PyTorch step: float32 accumulation, float32 inputs multiplied at full precision
 (never TF32), and rounding to the model dtype wherever the unfused step stores a tensor, so float32 greedy
 tokens match HF's. `kvkernels.step_reference` is the same math in plain PyTorch (the oracle).
@@ -22,6 +26,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from .split import GemmWorkspace, num_sms, split_k
 
 LOG2_E = tl.constexpr(1.4426950408889634)
 SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
@@ -66,20 +72,22 @@ def _row_stats(x_ptr, rows, row_mask, stride_xm, K, eps, BLOCK_M: tl.constexpr, 
 
 @triton.jit
 def _matmul_tile(
-    x_ptr, w_ptr, ln_w_ptr, ln_b_ptr, ln_eps, rows, cols, M, N, K,
+    x_ptr, w_ptr, ln_w_ptr, ln_b_ptr, ln_eps, rows, cols, M, N, K, k_chunk,
     stride_xm, stride_wk, stride_wn,
     LAYER_NORM: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # acc [BLOCK_M, BLOCK_N] float32 = LayerNorm?(x[rows]) @ w[:, cols]
+    # acc [BLOCK_M, BLOCK_N] float32 = LayerNorm?(x[rows]) @ w[:, cols] over this split's k_chunk rows of w
     row_mask = rows < M
     col_mask = cols < N
     if LAYER_NORM:
-        mean, rstd = _row_stats(x_ptr, rows, row_mask, stride_xm, K, ln_eps, BLOCK_M, BLOCK_K)
+        mean, rstd = _row_stats(x_ptr, rows, row_mask, stride_xm, K, ln_eps, BLOCK_M, BLOCK_K)   # over all of K
+    k_lo = tl.program_id(2) * k_chunk
+    k_hi = tl.minimum(k_lo + k_chunk, K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k_start in range(0, K, BLOCK_K):
+    for k_start in range(k_lo, k_hi, BLOCK_K):
         ks = k_start + tl.arange(0, BLOCK_K)
-        k_mask = ks < K
+        k_mask = ks < k_hi
         a = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :], mask=row_mask[:, None] & k_mask[None, :],
                     other=0.0)                                                      # [BLOCK_M, BLOCK_K]
         if LAYER_NORM:
@@ -96,17 +104,29 @@ def _matmul_tile(
 
 
 @triton.jit
-def _linear_kernel(
-    x_ptr, w_ptr, bias_ptr, ln_w_ptr, ln_b_ptr, out_ptr,
-    M, N, K, ln_eps,
-    stride_xm, stride_wk, stride_wn, stride_om,
-    LAYER_NORM: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, RESIDUAL: tl.constexpr,
-    DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = _matmul_tile(x_ptr, w_ptr, ln_w_ptr, ln_b_ptr, ln_eps, rows, cols, M, N, K, stride_xm, stride_wk,
-                       stride_wn, LAYER_NORM, DOT_FP32, BLOCK_M, BLOCK_K, BLOCK_N)
+def _split_k_sum(acc, partials_ptr, counters_ptr, rows, cols, M, N):
+    # Stores this split's partial [BLOCK_M, BLOCK_N] of partials [splits, M, N]; returns whether this program is
+    # the tile's last split to arrive and, for it, the sum of all splits in split order. Every thread's stores
+    # come before the barrier, the barrier before the counter's release; the last program leaves the counter at
+    # zero for the next launch (a replayed CUDA graph reuses the same counters).
+    offsets = rows[:, None] * N + cols[None, :]
+    mask = (rows < M)[:, None] & (cols < N)[None, :]
+    splits = tl.num_programs(2)
+    tl.store(partials_ptr + tl.program_id(2) * M * N + offsets, acc, mask=mask)
+    tl.debug_barrier()
+    counter = counters_ptr + tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+    last = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == splits - 1
+    if last:
+        tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
+        acc = tl.zeros_like(acc)
+        for split in range(0, splits):
+            acc += tl.load(partials_ptr + split * M * N + offsets, mask=mask, other=0.0)
+    return last, acc
+
+
+@triton.jit
+def _linear_epilogue(acc, w_ptr, bias_ptr, out_ptr, rows, cols, M, N, stride_om,
+                     HAS_BIAS: tl.constexpr, GELU: tl.constexpr, RESIDUAL: tl.constexpr):
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
     y = acc.to(w_ptr.dtype.element_ty).to(tl.float32)               # the GEMM's output, in the model dtype
@@ -117,24 +137,36 @@ def _linear_kernel(
     out = out_ptr + rows[:, None] * stride_om + cols[None, :]
     mask = (rows < M)[:, None] & (cols < N)[None, :]
     if RESIDUAL:
-        # out is the residual stream; each element is read and written by this program only
+        # out is the residual stream; each element is read and written by one program only
         y = tl.load(out, mask=mask, other=0.0).to(tl.float32) + y
     tl.store(out, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _qkv_write_kernel(
-    x_ptr, w_ptr, bias_ptr, ln_w_ptr, ln_b_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, lengths_ptr,
-    M, K, ln_eps,
-    stride_xm, stride_wk, stride_wn, stride_qm,
-    stride_cb, stride_ct, stride_ch, stride_tb,
-    EMBED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, DOT_FP32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+def _linear_kernel(
+    x_ptr, w_ptr, bias_ptr, ln_w_ptr, ln_b_ptr, out_ptr, partials_ptr, counters_ptr,
+    M, N, K, k_chunk, ln_eps,
+    stride_xm, stride_wk, stride_wn, stride_om,
+    LAYER_NORM: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, RESIDUAL: tl.constexpr,
+    SPLIT_K: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)                       # into [q | k | v]
-    acc = _matmul_tile(x_ptr, w_ptr, ln_w_ptr, ln_b_ptr, ln_eps, rows, cols, M, 3 * EMBED, K, stride_xm, stride_wk,
-                       stride_wn, True, DOT_FP32, BLOCK_M, BLOCK_K, BLOCK_N)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = _matmul_tile(x_ptr, w_ptr, ln_w_ptr, ln_b_ptr, ln_eps, rows, cols, M, N, K, k_chunk, stride_xm, stride_wk,
+                       stride_wn, LAYER_NORM, DOT_FP32, BLOCK_M, BLOCK_K, BLOCK_N)
+    if SPLIT_K:
+        last, acc = _split_k_sum(acc, partials_ptr, counters_ptr, rows, cols, M, N)
+        if last:
+            _linear_epilogue(acc, w_ptr, bias_ptr, out_ptr, rows, cols, M, N, stride_om, HAS_BIAS, GELU, RESIDUAL)
+    else:
+        _linear_epilogue(acc, w_ptr, bias_ptr, out_ptr, rows, cols, M, N, stride_om, HAS_BIAS, GELU, RESIDUAL)
+
+
+@triton.jit
+def _qkv_epilogue(acc, bias_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, lengths_ptr, rows, cols, M,
+                  stride_qm, stride_cb, stride_ct, stride_ch, stride_tb,
+                  EMBED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr):
     acc += tl.load(bias_ptr + cols, mask=cols < 3 * EMBED, other=0.0).to(tl.float32)[None, :]
     y = acc.to(q_ptr.dtype.element_ty)
     row_mask = rows < M
@@ -149,6 +181,30 @@ def _qkv_write_kernel(
     offset = slot[:, None] + ((within // HEAD_DIM) * stride_ch + within % HEAD_DIM)[None, :]
     tl.store(k_cache_ptr + offset, y, mask=row_mask[:, None] & (part == 1)[None, :])
     tl.store(v_cache_ptr + offset, y, mask=row_mask[:, None] & (part == 2)[None, :])
+
+
+@triton.jit
+def _qkv_write_kernel(
+    x_ptr, w_ptr, bias_ptr, ln_w_ptr, ln_b_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, lengths_ptr,
+    partials_ptr, counters_ptr,
+    M, K, k_chunk, ln_eps,
+    stride_xm, stride_wk, stride_wn, stride_qm,
+    stride_cb, stride_ct, stride_ch, stride_tb,
+    EMBED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, SPLIT_K: tl.constexpr,
+    DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)                       # into [q | k | v]
+    acc = _matmul_tile(x_ptr, w_ptr, ln_w_ptr, ln_b_ptr, ln_eps, rows, cols, M, 3 * EMBED, K, k_chunk, stride_xm,
+                       stride_wk, stride_wn, True, DOT_FP32, BLOCK_M, BLOCK_K, BLOCK_N)
+    if SPLIT_K:
+        last, acc = _split_k_sum(acc, partials_ptr, counters_ptr, rows, cols, M, 3 * EMBED)
+        if last:
+            _qkv_epilogue(acc, bias_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, lengths_ptr, rows, cols,
+                          M, stride_qm, stride_cb, stride_ct, stride_ch, stride_tb, EMBED, HEAD_DIM, BLOCK_SIZE)
+    else:
+        _qkv_epilogue(acc, bias_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, lengths_ptr, rows, cols, M,
+                      stride_qm, stride_cb, stride_ct, stride_ch, stride_tb, EMBED, HEAD_DIM, BLOCK_SIZE)
 
 
 @triton.jit
@@ -214,6 +270,33 @@ def _gemm_blocks(M, N, K, dtype):
     return block_m, block_k, block_n
 
 
+def _gemm_plan(M, N, K, dtype, device):
+    """Blocks, grid (column tiles, row tiles, splits) and k_chunk of a skinny GEMM."""
+    block_m, block_k, block_n = _gemm_blocks(M, N, K, dtype)
+    tiles_n, tiles_m = triton.cdiv(N, block_n), triton.cdiv(M, block_m)
+    splits, k_chunk = split_k(tiles_n * tiles_m, K, block_k, num_sms(device))
+    assert splits * M * N < 2**31, "split-K partials are addressed with 32-bit offsets"
+    return (block_m, block_k, block_n), (tiles_n, tiles_m, splits), k_chunk
+
+
+def _split_buffers(x, grid, N, workspace):
+    """split-K's (partials, counters) for a GEMM of x's rows; x stands in for both when K is not split."""
+    tiles_n, tiles_m, splits = grid
+    if splits == 1:
+        return x, x
+    return (workspace or GemmWorkspace(x.device)).reserve(splits * x.shape[0] * N, tiles_n * tiles_m)
+
+
+def gemm_workspace(M, shapes, dtype, device):
+    """A GemmWorkspace big enough for the split-K GEMMs of M rows over `shapes` [(K, N)]: no launch allocates."""
+    workspace = GemmWorkspace(device)
+    for K, N in shapes:
+        _, (tiles_n, tiles_m, splits), _ = _gemm_plan(M, N, K, dtype, device)
+        if splits > 1:
+            workspace.reserve(splits * M * N, tiles_n * tiles_m)
+    return workspace
+
+
 def embed(tokens, lengths, wte, wpe, x, seq_lens):
     """x[b] = wte[tokens[b]] + wpe[lengths[b]] and seq_lens[b] = lengths[b] + 1, in place.
 
@@ -225,34 +308,35 @@ def embed(tokens, lengths, wte, wpe, x, seq_lens):
                             EMBED=embed_dim, EMBED_PAD=triton.next_power_of_2(embed_dim))
 
 
-def linear(x, weight, bias, out, *, layer_norm=None, gelu=False, residual=False):
+def linear(x, weight, bias, out, *, layer_norm=None, gelu=False, residual=False, workspace=None):
     """out = [out +] gelu?(LayerNorm?(x) @ weight + bias), in place.
 
     x [M, K]; weight [K, N] (any strides: HF's Conv1D weight, or lm_head.weight.t()); bias [N] or None; all of
     the model dtype. out [M, N]: the model dtype, or float32 (logits; rounded to the model dtype first, like
     the unfused step's `.float()`). layer_norm: (weight [K], bias [K], eps) applied to x's rows first.
     residual: add the result to out (the residual stream), in place. gelu: tanh GELU (HF's gelu_new).
+    workspace: a GemmWorkspace for split-K partials (gemm_workspace; default: allocated for this call).
     """
     M, K = x.shape
     N = weight.shape[1]
     assert weight.shape[0] == K and out.shape == (M, N) and x.stride(1) == 1 and out.stride(1) == 1
     ln_weight, ln_bias, eps = layer_norm if layer_norm is not None else (weight, weight, 0.0)
-    block_m, block_k, block_n = _gemm_blocks(M, N, K, weight.dtype)
-    grid = (triton.cdiv(N, block_n), triton.cdiv(M, block_m))
+    (block_m, block_k, block_n), grid, k_chunk = _gemm_plan(M, N, K, weight.dtype, x.device)
+    partials, counters = _split_buffers(x, grid, N, workspace)
     _linear_kernel[grid](
-        x, weight, bias if bias is not None else weight, ln_weight, ln_bias, out, M, N, K, float(eps),
-        x.stride(0), weight.stride(0), weight.stride(1), out.stride(0),
+        x, weight, bias if bias is not None else weight, ln_weight, ln_bias, out, partials, counters,
+        M, N, K, k_chunk, float(eps), x.stride(0), weight.stride(0), weight.stride(1), out.stride(0),
         LAYER_NORM=layer_norm is not None, HAS_BIAS=bias is not None, GELU=gelu, RESIDUAL=residual,
-        DOT_FP32=_dot_fp32(weight.dtype), BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n)
+        SPLIT_K=grid[2] > 1, DOT_FP32=_dot_fp32(weight.dtype), BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n)
 
 
-def qkv_write(x, layer_norm, weight, bias, q, k_cache, v_cache, block_tables, lengths):
+def qkv_write(x, layer_norm, weight, bias, q, k_cache, v_cache, block_tables, lengths, *, workspace=None):
     """[q | k | v] = LayerNorm(x) @ weight + bias; q into `q`, k and v into each row's slot of the paged cache.
 
     x [B, E]; layer_norm (weight [E], bias [E], eps); weight [E, 3E], bias [3E] (HF's c_attn); q [B, H, D]
     contiguous; k_cache, v_cache [num_blocks, block_size, H, D], same strides; block_tables int32 [B, M];
     lengths int32 [B]: the position of this step's token, whose slot is block_tables[b, pos // block_size].
-    All floating tensors of the model dtype.
+    All floating tensors of the model dtype. workspace: as in `linear`.
     """
     batch, embed_dim = x.shape
     _, block_size, heads, head_dim = k_cache.shape
@@ -260,14 +344,14 @@ def qkv_write(x, layer_norm, weight, bias, q, k_cache, v_cache, block_tables, le
     assert q.is_contiguous() and k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1
     assert heads * head_dim == embed_dim and k_cache.dtype == q.dtype == weight.dtype
     ln_weight, ln_bias, eps = layer_norm
-    block_m, block_k, block_n = _gemm_blocks(batch, 3 * embed_dim, embed_dim, weight.dtype)
-    grid = (triton.cdiv(3 * embed_dim, block_n), triton.cdiv(batch, block_m))
+    (block_m, block_k, block_n), grid, k_chunk = _gemm_plan(batch, 3 * embed_dim, embed_dim, weight.dtype, x.device)
+    partials, counters = _split_buffers(x, grid, 3 * embed_dim, workspace)
     _qkv_write_kernel[grid](
-        x, weight, bias, ln_weight, ln_bias, q, k_cache, v_cache, block_tables, lengths, batch, embed_dim, float(eps),
-        x.stride(0), weight.stride(0), weight.stride(1), q.stride(0),
+        x, weight, bias, ln_weight, ln_bias, q, k_cache, v_cache, block_tables, lengths, partials, counters,
+        batch, embed_dim, k_chunk, float(eps), x.stride(0), weight.stride(0), weight.stride(1), q.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-        EMBED=embed_dim, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, DOT_FP32=_dot_fp32(weight.dtype),
-        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n)
+        EMBED=embed_dim, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, SPLIT_K=grid[2] > 1,
+        DOT_FP32=_dot_fp32(weight.dtype), BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n)
 
 
 def update_state(state, logits=None, chosen=None, *, penalty=1.0, grow=False):

@@ -16,7 +16,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from kvkernels import triton_step
+from kvkernels import split, static_model, triton_step
 
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32",
@@ -58,32 +58,43 @@ def compile_launch(fn, args, constexprs, num_warps=4, *, workdir):
     sass = subprocess.run([CUOBJDUMP, "-sass", cubin], capture_output=True, text=True, check=True).stdout
     return {"registers": int(re.search(r"REG:(\d+)", usage).group(1)),
             "spilled_bytes": int(re.search(r"STACK:(\d+)", usage).group(1)),
+            "split_counter_ordered": static_model._split_counter_ordered(
+                [op for _, _, op, _ in static_model._INSTR.findall(sass)]),
             # loads to registers, how many of them 128 bits wide, and asynchronous copies to shared memory
             "ldg": len(re.findall(r"\bLDG\.E", sass)), "ldg_128": len(re.findall(r"\bLDG\.E\.128", sass)),
             "ldgsts": len(re.findall(r"\bLDGSTS", sass))}
 
 
+def split_case(M, N, K, dtype):
+    """Blocks and (splits, k_chunk) as a launch on an H100's 132 SMs picks them."""
+    block_m, block_k, block_n = triton_step._gemm_blocks(M, N, K, dtype)
+    tiles = triton.cdiv(N, block_n) * triton.cdiv(M, block_m)
+    return (block_m, block_k, block_n), split.split_k(tiles, K, block_k, 132)
+
+
 def linear_case(dtype, M, N, K, *, layer_norm=False, bias=True, gelu=False, residual=False, transposed=False,
                 out_dtype=None):
-    block_m, block_k, block_n = triton_step._gemm_blocks(M, N, K, dtype)
+    (block_m, block_k, block_n), (splits, k_chunk) = split_case(M, N, K, dtype)
     args = dict(x_ptr=Ptr(dtype), w_ptr=Ptr(dtype), bias_ptr=Ptr(dtype), ln_w_ptr=Ptr(dtype), ln_b_ptr=Ptr(dtype),
-                out_ptr=Ptr(out_dtype or dtype), M=M, N=N, K=K, ln_eps=1e-5, stride_xm=K,
+                out_ptr=Ptr(out_dtype or dtype), partials_ptr=Ptr(torch.float32), counters_ptr=Ptr(torch.int32),
+                M=M, N=N, K=K, k_chunk=k_chunk, ln_eps=1e-5, stride_xm=K,
                 stride_wk=1 if transposed else N, stride_wn=K if transposed else 1, stride_om=N)
-    constexprs = dict(LAYER_NORM=layer_norm, HAS_BIAS=bias, GELU=gelu, RESIDUAL=residual, DOT_FP32=False,
-                      BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n)
+    constexprs = dict(LAYER_NORM=layer_norm, HAS_BIAS=bias, GELU=gelu, RESIDUAL=residual, SPLIT_K=splits > 1,
+                      DOT_FP32=False, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n)
     return triton_step._linear_kernel, args, constexprs
 
 
 def qkv_case(dtype, M, embed=768, heads=12, block_size=16, max_blocks=64):
     head_dim = embed // heads
-    block_m, block_k, block_n = triton_step._gemm_blocks(M, 3 * embed, embed, dtype)
+    (block_m, block_k, block_n), (splits, k_chunk) = split_case(M, 3 * embed, embed, dtype)
     args = dict(x_ptr=Ptr(dtype), w_ptr=Ptr(dtype), bias_ptr=Ptr(dtype), ln_w_ptr=Ptr(dtype), ln_b_ptr=Ptr(dtype),
                 q_ptr=Ptr(dtype), k_cache_ptr=Ptr(dtype), v_cache_ptr=Ptr(dtype), block_tables_ptr=Ptr(torch.int32),
-                lengths_ptr=Ptr(torch.int32), M=M, K=embed, ln_eps=1e-5, stride_xm=embed, stride_wk=3 * embed,
+                lengths_ptr=Ptr(torch.int32), partials_ptr=Ptr(torch.float32), counters_ptr=Ptr(torch.int32),
+                M=M, K=embed, k_chunk=k_chunk, ln_eps=1e-5, stride_xm=embed, stride_wk=3 * embed,
                 stride_wn=1, stride_qm=embed, stride_cb=block_size * embed, stride_ct=embed, stride_ch=head_dim,
                 stride_tb=max_blocks)
-    constexprs = dict(EMBED=embed, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, DOT_FP32=False, BLOCK_M=block_m,
-                      BLOCK_K=block_k, BLOCK_N=block_n)
+    constexprs = dict(EMBED=embed, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, SPLIT_K=splits > 1, DOT_FP32=False,
+                      BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n)
     return triton_step._qkv_write_kernel, args, constexprs
 
 

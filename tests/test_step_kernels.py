@@ -6,12 +6,13 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+import triton
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import kvkernels
 from conftest import DEVICE
 from helpers import make_gpt2, padded_batch, run_sm90_compile
-from kvkernels import generation, step_reference, triton_step
+from kvkernels import generation, split, step_reference, triton_step
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # The fused kernels round where the reference rounds, but LayerNorm and GEMM sums run in a different order:
@@ -110,6 +111,73 @@ def test_qkv_write_matches_reference(dtype, rows):
     for cache, want in ((k_cache, want_k), (v_cache, want_v)):
         assert cache[~written].isnan().all(), "a slot other than the rows' new ones was written"
         assert_step_close(cache[written], want[written], dtype)
+
+
+# K split in 2-3 (the last chunk shorter); one BLOCK_K per split
+@pytest.mark.parametrize("sms", [6, 64])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 40])
+def test_split_k_gemms_match_reference_run_to_run_identical(monkeypatch, sms, dtype, rows):
+    """K split across programs (fp32 partials, summed in split order by the tile's last program to arrive): the
+    reference's results, bit-identical from run to run whatever the arrival order, and the arrival counters left
+    at zero for the next launch (a replayed graph)."""
+    monkeypatch.setattr(triton_step, "num_sms", lambda device: sms)
+    g = torch.Generator().manual_seed(rows)
+    K, N = 600, 100
+    block_m, block_k, block_n = triton_step._gemm_blocks(rows, N, K, dtype)
+    splits, k_chunk = split.split_k(triton.cdiv(N, block_n) * triton.cdiv(rows, block_m), K, block_k, sms)
+    assert splits > 1 and (splits - 1) * k_chunk < K <= splits * k_chunk
+    if sms == 64:
+        assert k_chunk == block_k, "every split streams one BLOCK_K"
+    x = randn(rows, K, dtype=dtype, generator=g, scale=3.0) + 1.0
+    weight, bias = randn(K, N, dtype=dtype, generator=g, scale=K ** -0.5), randn(N, dtype=dtype, generator=g)
+    layer_norm = (randn(K, dtype=dtype, generator=g), randn(K, dtype=dtype, generator=g), 1e-5)
+    residual = randn(rows, N, dtype=dtype, generator=g)
+    workspace = split.GemmWorkspace(DEVICE)
+    for epilogue in (dict(layer_norm=layer_norm, gelu=True), dict(residual=True)):   # c_fc's, c_proj's
+        runs = []
+        for ops in (triton_step, triton_step, step_reference):
+            out = residual.clone()
+            ops.linear(x, weight, bias, out, workspace=workspace, **epilogue)
+            runs.append(out)
+        assert_step_close(runs[0], runs[2], dtype)
+        assert torch.equal(runs[0], runs[1])
+        assert (workspace.counters == 0).all()
+
+    heads, head_dim, block_size = 4, 64, 4                                       # c_attn: K = 256, N = 768
+    embed_dim = heads * head_dim
+    x = randn(rows, embed_dim, dtype=dtype, generator=g, scale=2.0)
+    layer_norm = (randn(embed_dim, dtype=dtype, generator=g), randn(embed_dim, dtype=dtype, generator=g), 1e-5)
+    weight = randn(embed_dim, 3 * embed_dim, dtype=dtype, generator=g, scale=embed_dim ** -0.5)
+    bias = randn(3 * embed_dim, dtype=dtype, generator=g)
+    tables = torch.arange(rows, dtype=torch.int32, device=DEVICE)[:, None]        # row b's slots: block b
+    lengths = torch.randint(0, block_size, (rows,), generator=g).int().to(DEVICE)
+    outputs = []
+    for ops in (triton_step, step_reference):
+        q = torch.full((rows, heads, head_dim), float("nan"), dtype=dtype, device=DEVICE)
+        k_cache = torch.full((rows, block_size, heads, head_dim), float("nan"), dtype=dtype, device=DEVICE)
+        v_cache = torch.full_like(k_cache, float("nan"))
+        ops.qkv_write(x, layer_norm, weight, bias, q, k_cache, v_cache, tables, lengths, workspace=workspace)
+        outputs.append((q, k_cache, v_cache))
+    for got, want in zip(*outputs):
+        written = want.isfinite()
+        assert torch.equal(got.isfinite(), written), "written elements differ from the reference's"
+        assert_step_close(got[written], want[written], dtype)
+    assert (workspace.counters == 0).all()
+
+
+def test_split_k_gives_gpt2_124m_gemms_about_two_programs_per_h100_sm():
+    """Batch 1, fp16, 132 SMs: c_attn, c_proj, c_fc and the MLP's down-projection launched 72, 24, 96 and 24
+    programs (one per 32-column tile); split K gives each 144-288, and the lm_head's 786 tiles stay whole."""
+    programs = {}
+    for name, (K, N) in dict(c_attn=(768, 2304), c_proj=(768, 768), c_fc=(768, 3072), mlp_c_proj=(3072, 768),
+                             lm_head=(768, 50257)).items():
+        block_m, block_k, block_n = triton_step._gemm_blocks(1, N, K, torch.float16)
+        tiles = triton.cdiv(N, block_n)
+        splits, k_chunk = split.split_k(tiles, K, block_k, 132)
+        assert k_chunk % block_k == 0 and (splits - 1) * k_chunk < K <= splits * k_chunk, name
+        programs[name] = tiles * splits
+    assert programs == dict(c_attn=216, c_proj=144, c_fc=288, mlp_c_proj=192, lm_head=786), programs
 
 
 @dataclass
@@ -336,3 +404,7 @@ def test_step_kernels_compile_for_sm90_without_spills(compiled):
     for case, usage in compiled.items():
         assert usage["spilled_bytes"] == 0, f"{case} spills {usage['spilled_bytes']} bytes on sm_90: {usage}"
         assert usage["registers"] <= 255, f"{case}: {usage}"
+        # a split GEMM's last program reads the others' partials: barrier, GPU fence, atomic add, L1 invalidation
+        split_k = CASES[case][2].get("SPLIT_K", False)
+        assert usage["split_counter_ordered"] is (True if split_k else None), f"{case}: {usage}"
+    assert sum(CASES[case][2].get("SPLIT_K", False) for case in CASES) >= 6, "the GPT-2 GEMM cases split K"
