@@ -98,17 +98,16 @@ def split_k(tiles: int, K: int, block_k: int, sms: int):
 
 
 class GemmWorkspace:
-    """The split-K GEMMs' fp32 partials and int32 arrival counters, shared by the GEMMs of a stream (they run one
-    after another). Every split GEMM leaves the counters at zero, so a captured step replays with them; the
-    buffers only grow, which the warm-up steps before a capture do."""
+    """The split-K GEMMs' fp32 partials and int32 arrival counters (all zero), shared by the GEMMs of a stream:
+    they run one after another, and each leaves the counters at zero. Sized once
+    (triton_step.gemm_workspace), so a captured graph's addresses stay valid: a GEMM that needs more raises."""
 
-    def __init__(self, device):
-        self.partials = torch.empty(0, dtype=torch.float32, device=device)
-        self.counters = torch.zeros(0, dtype=torch.int32, device=device)
+    def __init__(self, device, partials: int, counters: int):
+        self.partials = torch.empty(partials, dtype=torch.float32, device=device)
+        self.counters = torch.zeros(counters, dtype=torch.int32, device=device)
 
-    def reserve(self, partials: int, counters: int):
-        if self.partials.numel() < partials:
-            self.partials = torch.empty(partials, dtype=torch.float32, device=self.partials.device)
-        if self.counters.numel() < counters:
-            self.counters = torch.zeros(counters, dtype=torch.int32, device=self.counters.device)
+    def take(self, partials: int, counters: int):
+        if self.partials.numel() < partials or self.counters.numel() < counters:
+            raise ValueError(f"this GEMM needs {partials} split-K partials and {counters} counters; the workspace "
+                             f"holds {self.partials.numel()} and {self.counters.numel()}")
         return self.partials, self.counters

@@ -12,8 +12,9 @@ block-table entries are loaded a tile ahead, K and V are issued together, one he
 two tensor-core dots. `kvkernels/static_model.py` checks the sm_90 cubins.
 
 fp8 / int8 pages (QUANTIZED) are dequantized in registers: a tile's per-token scales are loaded with its
-K and V and folded into the scores and into the probabilities (one head) or V's rows (grouped heads; static
-per-head scales into the softmax scale and the output), so the loop reads 1 byte per element plus 8 bytes per token.
+K and V and folded into the scores and into the probabilities (one head: p x scale in fp32; grouped heads:
+p x scale x QUANT_MAX before p is rounded for its dot; static per-head scales into the softmax scale and the
+output), so the loop reads 1 byte per element plus 8 bytes per token.
 """
 import dataclasses
 import functools
@@ -31,7 +32,8 @@ LOG2_E = 1.4426950408889634
 # CTAs per SM of the split decode kernel on sm_90 by (grouped heads, fp8 / int8 pages): the static model
 # (kvkernels/static_model.py, 2026-11-24, row slots and 32-bit offsets: one head 9 with triton 3.9 and 3.6
 # (before them 7 and 6), grouped heads 7 and 6; quantized pages 4-5 (96-128 registers) with triton 3.9 and 4
-# (105) with triton 3.6, the GPU machine's, grouped 4 and 4 with fp16 q (2026-11-25; 3 with bf16 q). Lower
+# (105) with triton 3.6, the GPU machine's, grouped 4 and 4 with fp16 q (2026-11-25; 3 with bf16 q, and 3 for
+# triton 3.6's unsplit kernel). Lower
 # bounds: the one-head and grouped fp16 entries keep the 6 and 5 the CPU's split counts were tested with;
 # tests/test_triton_compile.py fails when the compiled kernel fits fewer. Used where no compiled kernel can be
 # asked (the CPU interpreter).
@@ -240,9 +242,9 @@ def _paged_decode_kernel(
             alpha = tl.exp2(m - m_new)
             l = l * alpha + tl.sum(p, axis=1)
             if PER_TOKEN_SCALES:
-                # V's scales into p as p x (scale x QUANT_MAX) = p x the row's absmax: the range p x V has with
-                # 16-bit pages, so rounding p to fp16 loses no more than it does there (p x scale alone falls
-                # to fp16's subnormals over a long, flat context); the sum l is scaled to match after the loop
+                # V's scales into p as p x (scale x QUANT_MAX) = p x the row's absmax, the range of the p x V
+                # products: normal in fp16 down to p ~ 6e-5 / absmax, where p x scale alone falls to fp16's
+                # subnormals over a long, flat context; the sum l stays p's, and the output divides by QUANT_MAX
                 p = p * (vs * QUANT_MAX)[None, :]
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
             m = m_new

@@ -271,30 +271,28 @@ def _gemm_blocks(M, N, K, dtype):
 
 
 def _gemm_plan(M, N, K, dtype, device):
-    """Blocks, grid (column tiles, row tiles, splits) and k_chunk of a skinny GEMM."""
+    """Blocks, grid (column tiles, row tiles, splits), k_chunk, and the split-K partials and counters it needs
+    (none unsplit) of a skinny GEMM."""
     block_m, block_k, block_n = _gemm_blocks(M, N, K, dtype)
     tiles_n, tiles_m = triton.cdiv(N, block_n), triton.cdiv(M, block_m)
     splits, k_chunk = split_k(tiles_n * tiles_m, K, block_k, num_sms(device))
-    assert splits * M * N < 2**31, "split-K partials are addressed with 32-bit offsets"
-    return (block_m, block_k, block_n), (tiles_n, tiles_m, splits), k_chunk
-
-
-def _split_buffers(x, grid, N, workspace):
-    """split-K's (partials, counters) for a GEMM of x's rows; x stands in for both when K is not split."""
-    tiles_n, tiles_m, splits = grid
     if splits == 1:
+        return (block_m, block_k, block_n), (tiles_n, tiles_m, 1), k_chunk, (0, 0)
+    assert splits * M * N < 2**31, "split-K partials are addressed with 32-bit offsets"
+    return (block_m, block_k, block_n), (tiles_n, tiles_m, splits), k_chunk, (splits * M * N, tiles_n * tiles_m)
+
+
+def _split_buffers(x, grid, needs, workspace):
+    """split-K's (partials, counters) for a GEMM of x's rows; x stands in for both when K is not split."""
+    if grid[2] == 1:
         return x, x
-    return (workspace or GemmWorkspace(x.device)).reserve(splits * x.shape[0] * N, tiles_n * tiles_m)
+    return (workspace or GemmWorkspace(x.device, *needs)).take(*needs)
 
 
 def gemm_workspace(M, shapes, dtype, device):
-    """A GemmWorkspace big enough for the split-K GEMMs of M rows over `shapes` [(K, N)]: no launch allocates."""
-    workspace = GemmWorkspace(device)
-    for K, N in shapes:
-        _, (tiles_n, tiles_m, splits), _ = _gemm_plan(M, N, K, dtype, device)
-        if splits > 1:
-            workspace.reserve(splits * M * N, tiles_n * tiles_m)
-    return workspace
+    """A GemmWorkspace for the split-K GEMMs of M rows over `shapes` [(K, N)]: the largest each buffer needs."""
+    needs = [_gemm_plan(M, N, K, dtype, device)[3] for K, N in shapes]
+    return GemmWorkspace(device, max(n[0] for n in needs), max(n[1] for n in needs))
 
 
 def embed(tokens, lengths, wte, wpe, x, seq_lens):
@@ -321,8 +319,8 @@ def linear(x, weight, bias, out, *, layer_norm=None, gelu=False, residual=False,
     N = weight.shape[1]
     assert weight.shape[0] == K and out.shape == (M, N) and x.stride(1) == 1 and out.stride(1) == 1
     ln_weight, ln_bias, eps = layer_norm if layer_norm is not None else (weight, weight, 0.0)
-    (block_m, block_k, block_n), grid, k_chunk = _gemm_plan(M, N, K, weight.dtype, x.device)
-    partials, counters = _split_buffers(x, grid, N, workspace)
+    (block_m, block_k, block_n), grid, k_chunk, needs = _gemm_plan(M, N, K, weight.dtype, x.device)
+    partials, counters = _split_buffers(x, grid, needs, workspace)
     _linear_kernel[grid](
         x, weight, bias if bias is not None else weight, ln_weight, ln_bias, out, partials, counters,
         M, N, K, k_chunk, float(eps), x.stride(0), weight.stride(0), weight.stride(1), out.stride(0),
@@ -344,8 +342,9 @@ def qkv_write(x, layer_norm, weight, bias, q, k_cache, v_cache, block_tables, le
     assert q.is_contiguous() and k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1
     assert heads * head_dim == embed_dim and k_cache.dtype == q.dtype == weight.dtype
     ln_weight, ln_bias, eps = layer_norm
-    (block_m, block_k, block_n), grid, k_chunk = _gemm_plan(batch, 3 * embed_dim, embed_dim, weight.dtype, x.device)
-    partials, counters = _split_buffers(x, grid, 3 * embed_dim, workspace)
+    (block_m, block_k, block_n), grid, k_chunk, needs = _gemm_plan(batch, 3 * embed_dim, embed_dim, weight.dtype,
+                                                                   x.device)
+    partials, counters = _split_buffers(x, grid, needs, workspace)
     _qkv_write_kernel[grid](
         x, weight, bias, ln_weight, ln_bias, q, k_cache, v_cache, block_tables, lengths, partials, counters,
         batch, embed_dim, k_chunk, float(eps), x.stride(0), weight.stride(0), weight.stride(1), q.stride(0),

@@ -127,13 +127,15 @@ def test_grouped_loop_converts_every_page_byte_exactly(cache_dtype, dtype):
 
 
 @pytest.mark.parametrize("cache_dtype", CACHE_DTYPES, ids=IDS)
-def test_triton_decode_fp16_long_flat_context_small_values(cache_dtype):
-    """fp16 grouped heads over 1500 tokens of equal weight (every p = 1 before the division by their sum) and
-    small V (~4e-4: scales ~1e-6 fp8 / 3e-6 int8): p x scale falls among fp16's subnormals (spacing 6e-8), so
-    V's scales go into p only as p x scale x QUANT_MAX, p x the row's absmax: V's own range."""
+@pytest.mark.parametrize("peak", [0.0, 6.0], ids=["flat", "peaked"])
+def test_triton_decode_fp16_long_context_small_values(cache_dtype, peak):
+    """fp16 grouped heads over 1500 tokens and small V (~4e-4: scales ~1e-6 fp8 / 3e-6 int8), attention flat
+    (every p = 1 before the division by their sum) or peaked (q x 6: most p far below 1): p x scale falls among
+    fp16's subnormals (spacing 6e-8), so V's scales go into p only as p x scale x QUANT_MAX, p x the row's
+    absmax: the range of the p x V products."""
     p, *pool = quantized_problem([1500], cache_dtype, dtype=torch.float16, num_heads=4, num_kv_heads=1,
                                  head_dim=16, block_size=16, device=DEVICE)
-    p.q.zero_()  # flat attention
+    p.q.mul_(peak)
     pool[3].mul_(1e-4)  # V's scales, so its values ~4e-4
     check_decode(p, *pool)
 

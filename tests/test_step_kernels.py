@@ -119,8 +119,9 @@ def test_qkv_write_matches_reference(dtype, rows):
 @pytest.mark.parametrize("rows", [1, 40])
 def test_split_k_gemms_match_reference_run_to_run_identical(monkeypatch, sms, dtype, rows):
     """K split across programs (fp32 partials, summed in split order by the tile's last program to arrive): the
-    reference's results, bit-identical from run to run whatever the arrival order, and the arrival counters left
-    at zero for the next launch (a replayed graph)."""
+    reference's results, bit-identical from run to run whatever the arrival order (the interpreter runs programs
+    in order: only a GPU run varies it), and the arrival counters left at zero for the next launch (a replayed
+    graph). One workspace sized for both GEMMs serves them all."""
     monkeypatch.setattr(triton_step, "num_sms", lambda device: sms)
     g = torch.Generator().manual_seed(rows)
     K, N = 600, 100
@@ -133,7 +134,9 @@ def test_split_k_gemms_match_reference_run_to_run_identical(monkeypatch, sms, dt
     weight, bias = randn(K, N, dtype=dtype, generator=g, scale=K ** -0.5), randn(N, dtype=dtype, generator=g)
     layer_norm = (randn(K, dtype=dtype, generator=g), randn(K, dtype=dtype, generator=g), 1e-5)
     residual = randn(rows, N, dtype=dtype, generator=g)
-    workspace = split.GemmWorkspace(DEVICE)
+    heads, head_dim, block_size = 4, 64, 4                                       # c_attn: K = 256, N = 768
+    embed_dim = heads * head_dim
+    workspace = triton_step.gemm_workspace(rows, [(K, N), (embed_dim, 3 * embed_dim)], dtype, DEVICE)
     for epilogue in (dict(layer_norm=layer_norm, gelu=True), dict(residual=True)):   # c_fc's, c_proj's
         runs = []
         for ops in (triton_step, triton_step, step_reference):
@@ -144,8 +147,6 @@ def test_split_k_gemms_match_reference_run_to_run_identical(monkeypatch, sms, dt
         assert torch.equal(runs[0], runs[1])
         assert (workspace.counters == 0).all()
 
-    heads, head_dim, block_size = 4, 64, 4                                       # c_attn: K = 256, N = 768
-    embed_dim = heads * head_dim
     x = randn(rows, embed_dim, dtype=dtype, generator=g, scale=2.0)
     layer_norm = (randn(embed_dim, dtype=dtype, generator=g), randn(embed_dim, dtype=dtype, generator=g), 1e-5)
     weight = randn(embed_dim, 3 * embed_dim, dtype=dtype, generator=g, scale=embed_dim ** -0.5)
@@ -164,6 +165,20 @@ def test_split_k_gemms_match_reference_run_to_run_identical(monkeypatch, sms, dt
         assert torch.equal(got.isfinite(), written), "written elements differ from the reference's"
         assert_step_close(got[written], want[written], dtype)
     assert (workspace.counters == 0).all()
+
+
+def test_a_gemm_the_workspace_was_not_sized_for_raises():
+    """A captured step's GEMMs keep their workspace's addresses: one that needs more than it holds raises, not
+    reallocates."""
+    g = torch.Generator().manual_seed(0)
+    x, weight = randn(1, 600, dtype=torch.float32, generator=g), randn(600, 100, dtype=torch.float32, generator=g)
+    out = torch.full((1, 100), float("nan"), device=DEVICE)
+    small = triton_step.gemm_workspace(1, [(600, 50)], torch.float32, DEVICE)
+    with pytest.raises(ValueError, match="split-K partials"):
+        triton_step.linear(x, weight, None, out, workspace=small)
+    triton_step.linear(x, weight, None, out, workspace=triton_step.gemm_workspace(1, [(600, 100)], torch.float32,
+                                                                                  DEVICE))
+    torch.testing.assert_close(out, x @ weight, rtol=2e-5, atol=2e-5)
 
 
 def test_split_k_gives_gpt2_124m_gemms_about_two_programs_per_h100_sm():
