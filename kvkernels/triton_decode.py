@@ -118,6 +118,23 @@ def _dequantized(x, one, DOT_IN_FP32: tl.constexpr, QUANT_INT: tl.constexpr):
 
 
 @triton.jit
+def _int8_lanes(words):
+    # [N, W] int32 words of int8 pages -> their bytes 0, 1, 2, 3 as four [N, W] fp16 tensors, exactly: byte ^ 0x80
+    # under the fp16 exponent 2**10 (0x64) is 1152 + x, and (word >> 8j) & 0x00FF00FF holds bytes j and j + 2 in
+    # its two 16-bit halves, so two values cost a mask-and-xor and one fp16x2 subtraction.
+    words = words.to(tl.uint32, bitcast=True)
+    even = (words & 0x00FF00FF) ^ 0x64806480                                 # bytes 0 and 2
+    odd = ((words >> 8) & 0x00FF00FF) ^ 0x64806480                           # bytes 1 and 3
+    return (_fp16_bits(even) - 1152.0, _fp16_bits(odd) - 1152.0, _fp16_bits(even >> 16) - 1152.0,
+            _fp16_bits(odd >> 16) - 1152.0)
+
+
+@triton.jit
+def _fp16_bits(x):
+    return x.to(tl.uint16).to(tl.float16, bitcast=True)                    # the low 16 bits, read as fp16
+
+
+@triton.jit
 def _paged_decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, seq_starts_ptr,
     out_ptr, partial_out_ptr, partial_lse_ptr, split_counters_ptr,
@@ -141,6 +158,7 @@ def _paged_decode_kernel(
     FOLD_MERGE: tl.constexpr, SPLITS_PAD: tl.constexpr,
     QUANTIZED: tl.constexpr, PER_TOKEN_SCALES: tl.constexpr, QUANT_MAX: tl.constexpr, QUANT_INT: tl.constexpr,
     INT64_OFFSETS: tl.constexpr,  # a page or scale offset can pass 2**31 elements: 64-bit address math
+    INT8_LANES: tl.constexpr,  # grouped int8 pages and fp16 q: pages read as int32 words, one dot per byte lane
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -218,22 +236,50 @@ def _paged_decode_kernel(
             q = q.to(tl.float32)
         m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
         l = tl.zeros([GROUP_PAD], tl.float32)
-        acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], tl.float32)                  # [G, D]
+        if INT8_LANES:
+            # Byte lane j of every word is dimension 4 w + j: four dots of K = D / 4 each, no 8-bit operand (so
+            # Triton's 2-wide fp16 operand layout: q by ldmatrix, no re-pairing moves).
+            WORDS: tl.constexpr = HEAD_DIM_PAD // 4
+            words = tl.arange(0, WORDS)
+            word_mask = words < HEAD_DIM // 4
+            q_words = q_ptr + seq * stride_qb + heads[:, None] * stride_qh + 4 * words[None, :]
+            lane_mask = head_mask[:, None] & word_mask[None, :]
+            q0 = tl.load(q_words, mask=lane_mask, other=0.0)                  # [G, W], dimensions 4 w + 0
+            q1 = tl.load(q_words + 1, mask=lane_mask, other=0.0)
+            q2 = tl.load(q_words + 2, mask=lane_mask, other=0.0)
+            q3 = tl.load(q_words + 3, mask=lane_mask, other=0.0)
+            acc0 = tl.zeros([GROUP_PAD, WORDS], tl.float32)
+            acc1 = tl.zeros([GROUP_PAD, WORDS], tl.float32)
+            acc2 = tl.zeros([GROUP_PAD, WORDS], tl.float32)
+            acc3 = tl.zeros([GROUP_PAD, WORDS], tl.float32)
+        else:
+            acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], tl.float32)              # [G, D]
         for tile_start in tl.range(start, end, TILE_N, num_stages=NUM_STAGES):
             tokens = tile_start + offsets
             next_ids = _table_entries(table, tokens + TILE_N, end, BLOCK_SIZE, INT64_OFFSETS)
-            k, v = _load_tile(k_base, v_base, block_ids, tokens, end, dims, dim_mask,
-                              stride_kb, stride_kt, stride_vb, stride_vt, BLOCK_SIZE, INT64_OFFSETS)
+            if INT8_LANES:
+                k, v = _load_tile(k_base, v_base, block_ids, tokens, end, words, word_mask,
+                                  stride_kb, stride_kt, stride_vb, stride_vt, BLOCK_SIZE, INT64_OFFSETS)  # [N, W]
+            else:
+                k, v = _load_tile(k_base, v_base, block_ids, tokens, end, dims, dim_mask,
+                                  stride_kb, stride_kt, stride_vb, stride_vt, BLOCK_SIZE, INT64_OFFSETS)  # [N, D]
             if PER_TOKEN_SCALES:
                 ks, vs = _load_tile_scales(k_scale_base, v_scale_base, block_ids, tokens, end,
                                            stride_ksb, stride_kst, stride_vsb, stride_vst, BLOCK_SIZE, INT64_OFFSETS)
-            if QUANTIZED:
-                k = _dequantized(k, 1.0, DOT_IN_FP32, QUANT_INT)
-                v = _dequantized(v, tl.cast(one, q.dtype), DOT_IN_FP32, QUANT_INT)  # converted before P.V transposes it
-            elif DOT_IN_FP32:
-                k = k.to(q.dtype)
-                v = v.to(q.dtype)
-            scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [G, N]
+            if INT8_LANES:
+                k0, k1, k2, k3 = _int8_lanes(k)
+                scores = tl.dot(q0, tl.trans(k0))
+                scores = tl.dot(q1, tl.trans(k1), scores)
+                scores = tl.dot(q2, tl.trans(k2), scores)
+                scores = tl.dot(q3, tl.trans(k3), scores) * qk_scale
+            else:
+                if QUANTIZED:
+                    k = _dequantized(k, 1.0, DOT_IN_FP32, QUANT_INT)
+                    v = _dequantized(v, tl.cast(one, q.dtype), DOT_IN_FP32, QUANT_INT)  # converted before P.V
+                elif DOT_IN_FP32:
+                    k = k.to(q.dtype)
+                    v = v.to(q.dtype)
+                scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [G, N]
             if PER_TOKEN_SCALES:
                 scores = scores * ks[None, :]
             scores = tl.where((tokens < end)[None, :], scores, float("-inf"))
@@ -246,9 +292,19 @@ def _paged_decode_kernel(
                 # products: normal in fp16 down to p ~ 6e-5 / absmax, where p x scale alone falls to fp16's
                 # subnormals over a long, flat context; the sum l stays p's, and the output divides by QUANT_MAX
                 p = p * (vs * QUANT_MAX)[None, :]
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            if INT8_LANES:
+                v0, v1, v2, v3 = _int8_lanes(v)
+                p = p.to(tl.float16)
+                acc0 = acc0 * alpha[:, None] + tl.dot(p, v0)
+                acc1 = acc1 * alpha[:, None] + tl.dot(p, v1)
+                acc2 = acc2 * alpha[:, None] + tl.dot(p, v2)
+                acc3 = acc3 * alpha[:, None] + tl.dot(p, v3)
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
             m = m_new
             block_ids = next_ids
+        if INT8_LANES:  # lanes back to dimension order 4 w + j (a join's new axis is the last): [G, W, 2, 2]
+            acc = tl.reshape(tl.join(tl.join(acc0, acc2), tl.join(acc1, acc3)), [GROUP_PAD, HEAD_DIM_PAD])
         out = acc / (l * QUANT_MAX if PER_TOKEN_SCALES else l)[:, None]
         lse = m + tl.log2(l)
     if QUANTIZED and not PER_TOKEN_SCALES:
@@ -348,6 +404,12 @@ def needs_int64_offsets(*tensors) -> bool:
                for t in tensors if t is not None)
 
 
+def int32_words(*caches) -> bool:
+    """Whether 1-byte pages can be read as int32 words: 4-byte aligned, rows of a multiple of 4 bytes."""
+    return all(c.data_ptr() % 4 == 0 and c.stride(-1) == 1 and c.shape[-1] % 4 == 0
+               and all(stride % 4 == 0 for stride in c.stride()[:-1]) for c in caches)
+
+
 def one_head_rows(head_dim_pad: int, page_itemsize: int, num_warps: int, tile: int) -> int:
     """Row slots of the one-head loop: the tile rows one pass of the CTA's threads covers when each thread loads
     16-byte vectors of a row, so the [TILE_N // ROWS, ROWS, D] tile's first axis is each thread's repeats."""
@@ -372,6 +434,10 @@ def decode_launches(q, k_cache, v_cache, block_tables, seq_lens, shape, scale, o
         partial_lse = torch.empty(batch, num_heads, num_splits, device=q.device, dtype=torch.float32)
     else:
         partial_out = partial_lse = out  # unused: the kernel writes `out` directly
+    quant = quant_constexprs(k_cache, k_scale)
+    int8_lanes = group > 1 and q.dtype == torch.float16 and k_cache.dtype == torch.int8 and int32_words(k_cache, v_cache)
+    if int8_lanes:
+        k_cache, v_cache = k_cache.view(torch.int32), v_cache.view(torch.int32)
     fold_merge = num_splits > 1 and split_counters is not None
     splits_pad = next_power_of_2(num_splits)
     launches = [(_paged_decode_kernel, (
@@ -394,7 +460,7 @@ def decode_launches(q, k_cache, v_cache, block_tables, seq_lens, shape, scale, o
         NUM_STAGES=config.num_stages, DOT_IN_FP32=q.dtype != torch.float16,
         DOT_PRECISION="tf32" if q.dtype == torch.bfloat16 else "ieee", HAS_STARTS=has_starts, FOLD_MERGE=fold_merge,
         SPLITS_PAD=splits_pad if fold_merge else 1, num_warps=config.num_warps,
-        **quant_constexprs(k_cache, k_scale), INT64_OFFSETS=needs_int64_offsets(k_cache, v_cache, k_scale, v_scale),
+        **quant, INT64_OFFSETS=needs_int64_offsets(k_cache, v_cache, k_scale, v_scale), INT8_LANES=int8_lanes,
     ), (batch, shape.num_kv_heads, num_splits))]
     if num_splits > 1 and not fold_merge:
         launches.append((_merge_splits_kernel, (

@@ -126,6 +126,26 @@ def test_grouped_loop_converts_every_page_byte_exactly(cache_dtype, dtype):
     torch.testing.assert_close(out.cpu()[finite], expected[finite], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("head_dim", [64, 80])
+@pytest.mark.parametrize("aligned", [True, False], ids=["words", "bytes"])
+def test_grouped_int8_pages_read_as_word_lanes_where_aligned(head_dim, aligned):
+    """Grouped heads, int8 pages, fp16 q: 4-byte aligned pages are read as int32 words split into byte lanes (one
+    dot per lane), pages one byte off as bytes; both match the reference."""
+    p, k_pages, v_pages, k_scale, v_scale = quantized_problem([9, 70], torch.int8, num_heads=8, num_kv_heads=2,
+                                                              head_dim=head_dim, device=DEVICE)
+    if not aligned:  # the same pages one byte into a larger buffer
+        def shifted(pages):
+            view = torch.empty(pages.numel() + 1, dtype=torch.int8, device=DEVICE)[1:].view(pages.shape)
+            return view.copy_(pages)
+        k_pages, v_pages = shifted(k_pages), shifted(v_pages)
+    args = (p.q, k_pages, v_pages, p.block_tables, p.seq_lens)
+    shape = check_decode_inputs(*args)
+    config = triton_decode.decode_config(shape, p.q.dtype, torch.int8)
+    launch = triton_decode.decode_launches(*args, shape, 1.0, p.q, config, 1, k_scale=k_scale, v_scale=v_scale)
+    assert launch[0][2]["INT8_LANES"] is aligned
+    check_decode(p, k_pages, v_pages, k_scale, v_scale)
+
+
 @pytest.mark.parametrize("cache_dtype", CACHE_DTYPES, ids=IDS)
 @pytest.mark.parametrize("peak", [0.0, 6.0], ids=["flat", "peaked"])
 def test_triton_decode_fp16_long_context_small_values(cache_dtype, peak):
