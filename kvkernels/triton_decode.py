@@ -158,7 +158,7 @@ def _paged_decode_kernel(
     FOLD_MERGE: tl.constexpr, SPLITS_PAD: tl.constexpr,
     QUANTIZED: tl.constexpr, PER_TOKEN_SCALES: tl.constexpr, QUANT_MAX: tl.constexpr, QUANT_INT: tl.constexpr,
     INT64_OFFSETS: tl.constexpr,  # a page or scale offset can pass 2**31 elements: 64-bit address math
-    INT8_LANES: tl.constexpr,  # grouped int8 pages and fp16 q: pages read as int32 words, one dot per byte lane
+    INT8_LANES: tl.constexpr,  # grouped int8 pages, fp16 q, D > 32: pages read as int32 words, a dot per byte lane
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -405,8 +405,9 @@ def needs_int64_offsets(*tensors) -> bool:
 
 
 def int32_words(*caches) -> bool:
-    """Whether 1-byte pages can be read as int32 words: 4-byte aligned, rows of a multiple of 4 bytes."""
-    return all(c.data_ptr() % 4 == 0 and c.stride(-1) == 1 and c.shape[-1] % 4 == 0
+    """Whether 1-byte pages can be read as int32 words (`view(torch.int32)`): 4-byte aligned, rows of a multiple of
+    4 bytes."""
+    return all(c.data_ptr() % 4 == 0 and c.storage_offset() % 4 == 0 and c.stride(-1) == 1 and c.shape[-1] % 4 == 0
                and all(stride % 4 == 0 for stride in c.stride()[:-1]) for c in caches)
 
 
@@ -435,7 +436,9 @@ def decode_launches(q, k_cache, v_cache, block_tables, seq_lens, shape, scale, o
     else:
         partial_out = partial_lse = out  # unused: the kernel writes `out` directly
     quant = quant_constexprs(k_cache, k_scale)
-    int8_lanes = group > 1 and q.dtype == torch.float16 and k_cache.dtype == torch.int8 and int32_words(k_cache, v_cache)
+    # (each lane's dot needs K = D / 4 >= 16)
+    int8_lanes = (group > 1 and q.dtype == torch.float16 and k_cache.dtype == torch.int8 and head_dim_pad >= 64
+                  and int32_words(k_cache, v_cache))
     if int8_lanes:
         k_cache, v_cache = k_cache.view(torch.int32), v_cache.view(torch.int32)
     fold_merge = num_splits > 1 and split_counters is not None

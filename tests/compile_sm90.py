@@ -40,6 +40,10 @@ DECODE_CASES = {
     "decode-bf16-d128-gqa4-fp8": (point("bfloat16", 128, 8, 2, cache_dtype=FP8), 1),
     "decode-fp32-d256-int8": (point("float32", 256, 2, 2, cache_dtype=INT8), 1),
     "decode-fp32-d128-gqa4-fp8": (point("float32", 128, 8, 2, cache_dtype=FP8), 1),
+    # grouped int8 pages with fp16 q: byte lanes (D / 4 words, 20 of 32 used at d80), and bytes where a lane's
+    # dot would have K < 16 (d32)
+    "decode-fp16-d80-gqa4-int8": (point("float16", 80, 8, 2, cache_dtype=INT8), 1),
+    "decode-fp16-d32-gqa4-int8": (point("float16", 32, 8, 2, cache_dtype=INT8), 1),
 }
 # the same design points with the merge folded into the decode kernel (split counters, as generate runs it)
 FOLDED_CASES = {name + "-folded": case for name, case in DECODE_CASES.items() if name in ("gpt2-split22",

@@ -126,11 +126,11 @@ def test_grouped_loop_converts_every_page_byte_exactly(cache_dtype, dtype):
     torch.testing.assert_close(out.cpu()[finite], expected[finite], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("head_dim", [64, 80])
-@pytest.mark.parametrize("aligned", [True, False], ids=["words", "bytes"])
+@pytest.mark.parametrize("head_dim", [32, 64, 80])
+@pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "unaligned"])
 def test_grouped_int8_pages_read_as_word_lanes_where_aligned(head_dim, aligned):
     """Grouped heads, int8 pages, fp16 q: 4-byte aligned pages are read as int32 words split into byte lanes (one
-    dot per lane), pages one byte off as bytes; both match the reference."""
+    dot of K = D / 4 per lane, so D > 32), pages one byte off and d32 as bytes; all match the reference."""
     p, k_pages, v_pages, k_scale, v_scale = quantized_problem([9, 70], torch.int8, num_heads=8, num_kv_heads=2,
                                                               head_dim=head_dim, device=DEVICE)
     if not aligned:  # the same pages one byte into a larger buffer
@@ -142,7 +142,7 @@ def test_grouped_int8_pages_read_as_word_lanes_where_aligned(head_dim, aligned):
     shape = check_decode_inputs(*args)
     config = triton_decode.decode_config(shape, p.q.dtype, torch.int8)
     launch = triton_decode.decode_launches(*args, shape, 1.0, p.q, config, 1, k_scale=k_scale, v_scale=v_scale)
-    assert launch[0][2]["INT8_LANES"] is aligned
+    assert launch[0][2]["INT8_LANES"] is (aligned and head_dim > 32)
     check_decode(p, k_pages, v_pages, k_scale, v_scale)
 
 

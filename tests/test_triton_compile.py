@@ -20,7 +20,8 @@ CASES = ["decode-fp16-d64", "decode-bf16-d80-split8", "decode-bf16-d80-split8-me
          "gpt2-fp8-split22", "gpt2-fp8-split22-merge", "gpt2-int8-split22", "gpt2-int8-split22-merge",
          "gqa-32x8-d128-fp8-split8", "gqa-32x8-d128-fp8-split8-merge", "gqa-32x8-d128-int8-split8",
          "gqa-32x8-d128-int8-split8-merge", "decode-bf16-d128-gqa4-fp8", "decode-fp32-d256-int8",
-         "decode-fp32-d128-gqa4-fp8", "write-h12-d64-fp8", "write-h12-d64-int8"]
+         "decode-fp32-d128-gqa4-fp8", "decode-fp16-d80-gqa4-int8", "decode-fp16-d32-gqa4-int8", "write-h12-d64-fp8",
+         "write-h12-d64-int8"]
 # design point -> (grouped heads, quantized pages, K and V bytes of one tile, narrowest load width (bits) that
 # carries them, bytes in flight per SM as a multiple of Little's law's need, most warp instructions the loop
 # may issue per K/V page byte).
