@@ -32,8 +32,7 @@ LOG2_E = 1.4426950408889634
 # CTAs per SM of the split decode kernel on sm_90 by (grouped heads, fp8 / int8 pages): the static model
 # (kvkernels/static_model.py, 2026-11-24, row slots and 32-bit offsets: one head 9 with triton 3.9 and 3.6
 # (before them 7 and 6), grouped heads 7 and 6; quantized pages 4-5 (96-128 registers) with triton 3.9 and 4
-# (105) with triton 3.6, the GPU machine's, grouped 4 and 4 with fp16 q (2026-11-25; 3 with bf16 q, and 3 for
-# triton 3.6's unsplit kernel). Lower
+# (105) with triton 3.6, the GPU machine's, grouped 4 and 4 with fp16 q (2026-11-25; 3 with bf16 q). Lower
 # bounds: the one-head and grouped fp16 entries keep the 6 and 5 the CPU's split counts were tested with;
 # tests/test_triton_compile.py fails when the compiled kernel fits fewer. Used where no compiled kernel can be
 # asked (the CPU interpreter).
