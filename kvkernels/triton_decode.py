@@ -30,12 +30,10 @@ from .split import MIN_SPLIT_TOKENS, choose_num_splits, ctas_per_sm, next_power_
 
 LOG2_E = 1.4426950408889634
 # CTAs per SM of the split decode kernel on sm_90 by (grouped heads, fp8 / int8 pages): the static model
-# (kvkernels/static_model.py, 2026-11-24, row slots and 32-bit offsets: one head 9 with triton 3.9 and 3.6
-# (before them 7 and 6), grouped heads 7 and 6; quantized pages 4-5 (96-128 registers) with triton 3.9 and 4
-# (105) with triton 3.6, the GPU machine's, grouped 4 and 4 with fp16 q (2026-11-25; 3 with bf16 q). Lower
-# bounds: the one-head and grouped fp16 entries keep the 6 and 5 the CPU's split counts were tested with;
-# tests/test_triton_compile.py fails when the compiled kernel fits fewer. Used where no compiled kernel can be
-# asked (the CPU interpreter).
+# (kvkernels/static_model.py, 2026-11-25, triton 3.9 and 3.6, the GPU machine's): one head 8 and 9, grouped heads
+# 6 and 5; quantized pages 4-5 and 4, grouped 4 and 3-4. Lower bounds: the one-head and
+# grouped fp16 entries keep the 6 and 5 the CPU's split counts were tested with; tests/test_triton_compile.py
+# fails when the compiled kernel fits fewer. Used where no compiled kernel can be asked (the CPU interpreter).
 STATIC_CTAS_PER_SM = {(False, False): 6, (True, False): 5, (False, True): 4, (True, True): 3}
 
 
@@ -76,11 +74,19 @@ def _table_entries(table, tokens, end, BLOCK_SIZE: tl.constexpr, INT64_OFFSETS: 
 
 
 @triton.jit
+def _slot_in_block(tokens, BLOCK_SIZE: tl.constexpr, INT64_OFFSETS: tl.constexpr):
+    # Tokens are never negative: as unsigned, % by a power-of-two block size is a mask, where the signed one (which
+    # rounds toward zero) costs several instructions per row: 7-9% of the loops' instructions on sm_90.
+    slot = (tokens.to(tl.uint32) % BLOCK_SIZE).to(tl.int32)
+    return slot.to(tl.int64) if INT64_OFFSETS else slot
+
+
+@triton.jit
 def _load_tile(k_base, v_base, block_ids, tokens, end, dims, dim_mask,
                stride_kb, stride_kt, stride_vb, stride_vt, BLOCK_SIZE: tl.constexpr, INT64_OFFSETS: tl.constexpr):
     # K and V rows of one tile ([*tokens.shape, D]), both issued before either is used. Masked loads, not
     # masked scores: free slots may hold NaN and 0 * NaN = NaN.
-    slot_in_block = (tokens % BLOCK_SIZE).to(tl.int64) if INT64_OFFSETS else tokens % BLOCK_SIZE
+    slot_in_block = _slot_in_block(tokens, BLOCK_SIZE, INT64_OFFSETS)
     kv_mask = tl.expand_dims(tokens < end, -1) & dim_mask
     k = tl.load(k_base + tl.expand_dims(block_ids * stride_kb + slot_in_block * stride_kt, -1) + dims,
                 mask=kv_mask, other=0.0)
@@ -94,7 +100,7 @@ def _load_tile_scales(k_scale_base, v_scale_base, block_ids, tokens, end,
                       stride_ksb, stride_kst, stride_vsb, stride_vst, BLOCK_SIZE: tl.constexpr,
                       INT64_OFFSETS: tl.constexpr):
     # Per-token K and V scales (tokens' shape) of one tile (0 past the partition: free slots' scales may be NaN).
-    slot_in_block = (tokens % BLOCK_SIZE).to(tl.int64) if INT64_OFFSETS else tokens % BLOCK_SIZE
+    slot_in_block = _slot_in_block(tokens, BLOCK_SIZE, INT64_OFFSETS)
     ks = tl.load(k_scale_base + block_ids * stride_ksb + slot_in_block * stride_kst, mask=tokens < end, other=0.0)
     vs = tl.load(v_scale_base + block_ids * stride_vsb + slot_in_block * stride_vst, mask=tokens < end, other=0.0)
     return ks, vs
