@@ -392,7 +392,6 @@ def static_table() -> list:
     """Prints and returns the static model's rows. It compiles real kernels, so it runs in a child process
     without TRITON_INTERPRET (which this process may have set to run Triton on the CPU)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     run = subprocess.run([sys.executable, "-m", "kvkernels.static_model", "--json"], env=env, capture_output=True,
                          text=True, check=True)
     rows = json.loads(run.stdout.strip().splitlines()[-1])

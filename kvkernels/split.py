@@ -29,6 +29,11 @@ MAX_CTAS_PER_SM = 32
 MAX_THREADS_PER_SM = 2048
 
 
+# Every Triton launch's fused multiply-adds, pinned: the sm_90 analysis and its bounds assume them, Triton 3.10 turns
+# its default to unfused, and Triton 3.9 warns about that on each process's first compile unless a launch says.
+FP_FUSION = dict(enable_fp_fusion=True)
+
+
 def ctas_per_sm(n_regs: int, shared_bytes: int, num_warps: int) -> int:
     """Resident CTAs per SM for a kernel's registers per thread, shared bytes per CTA and warps."""
     regs_per_warp = -(-n_regs * 32 // 256) * 256  # allocated per warp in units of 256

@@ -26,7 +26,7 @@ import triton.language as tl
 
 from ._validate import check_decode_inputs, is_quantized
 from .triton_write_kv import quant_constexprs, scale_strides
-from .split import MIN_SPLIT_TOKENS, choose_num_splits, ctas_per_sm, next_power_of_2, num_sms
+from .split import FP_FUSION, MIN_SPLIT_TOKENS, choose_num_splits, ctas_per_sm, next_power_of_2, num_sms
 
 LOG2_E = 1.4426950408889634
 # CTAs per SM of the split decode kernel on sm_90 by (grouped heads, fp8 / int8 pages): the static model
@@ -469,6 +469,7 @@ def decode_launches(q, k_cache, v_cache, block_tables, seq_lens, shape, scale, o
         DOT_PRECISION="tf32" if q.dtype == torch.bfloat16 else "ieee", HAS_STARTS=has_starts, FOLD_MERGE=fold_merge,
         SPLITS_PAD=splits_pad if fold_merge else 1, num_warps=config.num_warps,
         **quant, INT64_OFFSETS=needs_int64_offsets(k_cache, v_cache, k_scale, v_scale), INT8_LANES=int8_lanes,
+        **FP_FUSION,
     ), (batch, shape.num_kv_heads, num_splits))]
     if num_splits > 1 and not fold_merge:
         launches.append((_merge_splits_kernel, (
@@ -476,7 +477,7 @@ def decode_launches(q, k_cache, v_cache, block_tables, seq_lens, shape, scale, o
             out.stride(0), out.stride(1), num_heads, shape.max_blocks_per_seq, num_splits,
         ), dict(
             HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_SIZE=shape.block_size, TILE_N=config.tile,
-            SPLITS_PAD=splits_pad, MIN_SPLIT_TOKENS=min_split_tokens, HAS_STARTS=has_starts,
+            SPLITS_PAD=splits_pad, MIN_SPLIT_TOKENS=min_split_tokens, HAS_STARTS=has_starts, **FP_FUSION,
         ), (batch, num_heads, 1)))
     return launches
 

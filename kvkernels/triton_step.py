@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .split import GemmWorkspace, num_sms, split_k
+from .split import FP_FUSION, GemmWorkspace, num_sms, split_k
 
 LOG2_E = tl.constexpr(1.4426950408889634)
 SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
@@ -303,7 +303,7 @@ def embed(tokens, lengths, wte, wpe, x, seq_lens):
     """
     batch, embed_dim = x.shape
     _embed_kernel[(batch,)](tokens, lengths, wte, wpe, x, seq_lens, wte.stride(0), wpe.stride(0), x.stride(0),
-                            EMBED=embed_dim, EMBED_PAD=triton.next_power_of_2(embed_dim))
+                            EMBED=embed_dim, EMBED_PAD=triton.next_power_of_2(embed_dim), **FP_FUSION)
 
 
 def linear(x, weight, bias, out, *, layer_norm=None, gelu=False, residual=False, workspace=None):
@@ -325,7 +325,8 @@ def linear(x, weight, bias, out, *, layer_norm=None, gelu=False, residual=False,
         x, weight, bias if bias is not None else weight, ln_weight, ln_bias, out, partials, counters,
         M, N, K, k_chunk, float(eps), x.stride(0), weight.stride(0), weight.stride(1), out.stride(0),
         LAYER_NORM=layer_norm is not None, HAS_BIAS=bias is not None, GELU=gelu, RESIDUAL=residual,
-        SPLIT_K=grid[2] > 1, DOT_FP32=_dot_fp32(weight.dtype), BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n)
+        SPLIT_K=grid[2] > 1, DOT_FP32=_dot_fp32(weight.dtype), BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n,
+        **FP_FUSION)
 
 
 def qkv_write(x, layer_norm, weight, bias, q, k_cache, v_cache, block_tables, lengths, *, workspace=None):
@@ -350,7 +351,7 @@ def qkv_write(x, layer_norm, weight, bias, q, k_cache, v_cache, block_tables, le
         batch, embed_dim, k_chunk, float(eps), x.stride(0), weight.stride(0), weight.stride(1), q.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         EMBED=embed_dim, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, SPLIT_K=grid[2] > 1,
-        DOT_FP32=_dot_fp32(weight.dtype), BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n)
+        DOT_FP32=_dot_fp32(weight.dtype), BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n, **FP_FUSION)
 
 
 def update_state(state, logits=None, chosen=None, *, penalty=1.0, grow=False):
@@ -372,4 +373,4 @@ def update_state(state, logits=None, chosen=None, *, penalty=1.0, grow=False):
         vocab, logits.stride(0) if greedy else 0, seen.stride(0), state.out.stride(0),
         GREEDY=greedy, PENALTY=state.seen is not None, GROW=grow,
         BLOCK_V=min(SELECT_BLOCK_V, triton.next_power_of_2(vocab)),
-        EOS_PAD=triton.next_power_of_2(max(state.eos.numel(), 1)), num_warps=SELECT_WARPS)
+        EOS_PAD=triton.next_power_of_2(max(state.eos.numel(), 1)), num_warps=SELECT_WARPS, **FP_FUSION)

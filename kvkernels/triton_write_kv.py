@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from ._validate import QUANT_MAX
-from .split import next_power_of_2
+from .split import FP_FUSION, next_power_of_2
 
 
 @triton.jit
@@ -114,7 +114,7 @@ def write_kv_launch(k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=
     ), dict(
         NUM_KV_HEADS=num_kv_heads, HEADS_PAD=next_power_of_2(num_kv_heads),
         HEAD_DIM=head_dim, HEAD_DIM_PAD=next_power_of_2(head_dim), BLOCK_SIZE=block_size,
-        **quant_constexprs(k_cache, k_scale),
+        **quant_constexprs(k_cache, k_scale), **FP_FUSION,
     ), (k.shape[0],)
 
 

@@ -57,19 +57,23 @@ def write_case(num_kv_heads=12, head_dim=64, block_size=16, cache_dtype=torch.fl
     return triton_write_kv.write_kv_launch(k, k, cache, cache, torch.zeros(4, dtype=torch.int64), scales, scales)
 
 
+def analysed(fn, args, kwargs):
+    kernel = static_model.compile_launch(fn, args, kwargs)
+    return dict(static_model.analyse(kernel), fp_fusion=kernel.metadata.enable_fp_fusion)
+
+
 def analyse_all():
     results = {}
     for name, (decode_point, splits) in DECODE_CASES.items():
         launches = static_model.point_launches(decode_point, splits)
         for suffix, (fn, args, kwargs, _) in zip(["", "-merge"], launches):
-            results[name + suffix] = static_model.analyse(static_model.compile_launch(fn, args, kwargs))
+            results[name + suffix] = analysed(fn, args, kwargs)
     for name, (decode_point, splits) in FOLDED_CASES.items():
         (fn, args, kwargs, _), = static_model.point_launches(decode_point, splits, fold_merge=True)
-        results[name] = static_model.analyse(static_model.compile_launch(fn, args, kwargs))
+        results[name] = analysed(fn, args, kwargs)
     for name, cache_dtype in (("write-h12-d64", torch.float16), ("write-h12-d64-fp8", torch.float8_e4m3fn),
                               ("write-h12-d64-int8", torch.int8)):
-        fn, args, kwargs, _ = write_case(cache_dtype=cache_dtype)
-        results[name] = static_model.analyse(static_model.compile_launch(fn, args, kwargs))
+        results[name] = analysed(*write_case(cache_dtype=cache_dtype)[:3])
     return results
 
 

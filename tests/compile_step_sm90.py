@@ -49,7 +49,7 @@ def compile_launch(fn, args, constexprs, num_warps=4, *, workdir):
             if value % 16 == 0:
                 attrs[(index,)] = [["tt.divisibility", 16]]
     kernel = triton.compile(ASTSource(fn, signature, constants, attrs), target=GPUTarget("cuda", 90, 32),
-                            options={"num_warps": num_warps})
+                            options={"num_warps": num_warps, **split.FP_FUSION})  # as the launches
     cubin = os.path.join(workdir, "kernel.cubin")
     with open(cubin, "wb") as f:
         f.write(kernel.asm["cubin"])

@@ -107,12 +107,13 @@ def padded_batch(prompt_lens=(9, 5, 7), vocab=256, seed=1, device="cpu"):
 def run_sm90_compile(script, *args, timeout=900):
     """Runs tests/<script>, which compiles kernels for sm_90 and prints JSON last, in a child process without
     TRITON_INTERPRET (the compiler needs real @triton.jit functions) on this checkout's kvkernels; returns
-    that JSON. Skips where the installed triton ships no NVIDIA toolchain."""
+    that JSON. The child's Triton defaults to unfused multiply-adds, Triton 3.10's default: the launches pin
+    fusion (kvkernels.split.FP_FUSION). Skips where the installed triton ships no NVIDIA toolchain."""
     import triton
     if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")):
         pytest.skip("this triton build ships no NVIDIA toolchain")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    env["TRITON_DEFAULT_FP_FUSION"] = "0"
     env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in [env.get("PYTHONPATH")] if p])
     run = subprocess.run([sys.executable, os.path.join(ROOT, "tests", script), *args], env=env,
                          capture_output=True, text=True, timeout=timeout)

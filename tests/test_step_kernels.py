@@ -288,6 +288,7 @@ class KernelCounter(TorchDispatchMode):
     def __init__(self, monkeypatch, dry=False):
         super().__init__()
         self.ops, self.launches, self.grids, self.syncs, self._inside, self._active = {}, {}, {}, [], False, False
+        self.unfused = set()  # kernels launched without fused multiply-adds pinned
         from triton.runtime.interpreter import InterpretedFunction
         from triton.runtime.jit import JITFunction
         kernel_class = InterpretedFunction if os.environ.get("TRITON_INTERPRET") == "1" else JITFunction
@@ -299,6 +300,8 @@ class KernelCounter(TorchDispatchMode):
             if self._active:
                 self.launches[fn.fn.__name__] = self.launches.get(fn.fn.__name__, 0) + 1
                 self.grids[fn.fn.__name__] = tuple(kwargs["grid"])
+                if kwargs.get("enable_fp_fusion") is not True:
+                    self.unfused.add(fn.fn.__name__)
             if dry:
                 return None
             self._inside = True
@@ -396,6 +399,7 @@ def test_decode_step_of_gpt2_124m_fits_the_kernel_budget(monkeypatch, gpt2_small
           f"{dict(counter.launches)} {dict(counter.ops)}")
     assert not counter.syncs, f"host syncs in the decode step: {counter.syncs}"
     assert counter.total <= KERNEL_BUDGET
+    assert not counter.unfused, "Triton 3.10's default is unfused: every launch pins kvkernels.split.FP_FUSION"
     if batch == 1 and not sampling:
         monkeypatch.undo()
         split = count_decode_step(monkeypatch, gpt2_small, ids, dry=True, repetition_penalty=1.1,
