@@ -175,6 +175,40 @@ def test_models_it_cannot_serve_say_what_is_missing():
             gemma(ids)
 
 
+# Decoders whose attention goes through the registry but whose cache holds more than softmax attention's K/V, or
+# whose attention the paged kernels do not mask: generate ran them on the paged cache and silently diverged from HF
+# (MiniMax, GraniteMoeHybrid), or failed deep inside transformers (LFM2), or on a shape check (DeepSeek's MLA: keys
+# 24 wide, values 16); Llama4's chunked attention, which the paged kernels do not mask, was patched (and fell back to
+# HF with a misleading warning) and refused by generate for a wrong reason.
+CANNOT_SERVE = {
+    "minimax": (dict(num_local_experts=2, num_experts_per_tok=1), "cache of its own"),
+    "granitemoehybrid": (dict(layer_types=["attention", "mamba"], mamba_d_state=8, mamba_n_heads=4, mamba_d_head=32),
+                         "(linear_attention|mamba) layers"),  # transformers 5.17 kept the older name
+    "lfm2": (dict(layer_types=["full_attention", "conv"]), "conv layers"),
+    "llama4_text": (dict(num_local_experts=2, num_experts_per_tok=1, intermediate_size_mlp=64, attention_chunk_size=8,
+                         no_rope_layers=[1, 0]), "chunked_attention layers"),
+    "deepseek_v3": (dict(n_routed_experts=2, num_experts_per_tok=1, qk_nope_head_dim=16, qk_rope_head_dim=8,
+                         v_head_dim=16, kv_lora_rank=16, q_lora_rank=None), "different head dims"),
+}
+
+
+@pytest.mark.parametrize("family", sorted(CANNOT_SERVE))
+def test_decoders_with_other_caches_are_refused_by_patch_and_generate(family):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    overrides, message = CANNOT_SERVE[family]
+    config = AutoConfig.for_model(family, vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=4, head_dim=16, **overrides)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with pytest.raises(TypeError, match=message):
+        kvkernels.patch(model)
+    with pytest.raises(TypeError, match=message):
+        kvkernels.patch(model.base_model)
+    with pytest.raises(TypeError, match=message):
+        kvkernels.generate(model, torch.randint(2, 64, (1, 5)), max_new_tokens=4)
+    assert not kvkernels.is_patched(model)
+
+
 @pytest.mark.parametrize("backend", kernel_backends())
 def test_sliding_window_decode_reads_only_the_window(backend):
     """Mistral (every layer windowed): after the prompt, every stored token that the next queries' windows leave out

@@ -177,6 +177,21 @@ def test_unpatch_restores_exactly_and_patch_is_idempotent():
     kvkernels.unpatch(model)                                       # unpatching twice is harmless
 
 
+def test_a_deep_copy_of_a_patched_model_unpatches_like_the_original():
+    import copy
+
+    model = make_model()
+    ids, mask = padded_batch()
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    kvkernels.patch(model)
+    twin = copy.deepcopy(model)
+    assert torch.equal(twin.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False), expected)
+    kvkernels.unpatch(twin)
+    assert not kvkernels.is_patched(twin) and kvkernels.is_patched(model)
+    assert "forward" not in twin.transformer.__dict__ and "_prepare_cache_for_generation" not in twin.__dict__
+    assert torch.equal(twin.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False), expected)
+
+
 def test_patched_context_manager_keeps_an_existing_patch():
     model = make_model()
     with kvkernels.patched(model) as same:

@@ -37,9 +37,23 @@ from .attention import NAME, active_cache, model_configs
 from .cache import PagedCache, attention_shape
 
 _STATE = "_kvkernels_patch"
-_MISSING = object()
+
+
+class _Missing:
+    """Marks a hook that shadowed no instance attribute. copy, deepcopy and pickle keep the one instance (a
+    deep-copied patched model must unpatch like the original)."""
+
+    def __reduce__(self):
+        return "_MISSING"
+
+
+_MISSING = _Missing()
 _PAGED_GENERATION_MODES = ("greedy_search", "sample", "beam_search", "beam_sample", "assisted_generation")
 _CACHE_ARGS = ("cache", "past_key_values")   # the cache argument's name: newest transformers first, then 5.17's
+# Layer types (config.layer_types) the paged attention serves: softmax attention over the whole context or a sliding
+# window ("attention" is full attention's older name). Other layers keep state a PagedCache has no room for (mamba,
+# linear attention, convolution, compressed or shared K/V) or attend within chunks (Llama4), which it does not mask.
+_SERVED_LAYER_TYPES = ("full_attention", "sliding_attention", "attention")
 
 
 @dataclass
@@ -105,11 +119,30 @@ def decoder_parts(model):
     if not getattr(type(base), "_supports_attention_backend", False):
         raise TypeError(f"{name}'s attention does not go through transformers' attention registry "
                         f"({type(base).__name__}._supports_attention_backend is False), which kvkernels plugs into")
+    if not _default_cache_fits(type(model)):
+        raise TypeError(f"{name} keeps a cache of its own (not transformers' DynamicCache), which kvkernels' paged cache "
+                        "cannot stand in for")
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    other = sorted({t for t in getattr(text, "layer_types", None) or () if t not in _SERVED_LAYER_TYPES})
+    if other:
+        raise TypeError(f"{name} has {', '.join(other)} layers (config.layer_types), whose state kvkernels' paged cache "
+                        "does not hold: it serves decoders whose every layer is softmax attention")
+    key_dim, value_dim = getattr(text, "qk_head_dim", None), getattr(text, "v_head_dim", None)
+    if key_dim is not None and value_dim is not None and key_dim != value_dim:
+        raise TypeError(f"{name}'s keys and values have different head dims ({key_dim} and {value_dim}: multi-head "
+                        "latent attention), and kvkernels' pages hold one head dim for both")
     try:
         attention_shape(config)
     except ValueError as err:
         raise TypeError(str(err)) from None
     return base, (model if model is not base else None)
+
+
+def _default_cache_fits(model_class) -> bool:
+    """transformers' own test of whether generate may give `model_class` a DynamicCache: a GenerationMixin
+    classmethod (by class name), which base models lack."""
+    method = getattr(model_class, "_supports_default_dynamic_cache", None)
+    return method() if method is not None else GenerationMixin._supports_default_dynamic_cache.__func__(model_class)
 
 
 def patch(model, *, backend="auto", block_size=16, max_tokens=None, cache_dtype=None, k_scale=None, v_scale=None):
@@ -190,7 +223,8 @@ def patched(model, **options):
 
 
 def _state(model):
-    return decoder_parts(model)[0].__dict__.get(_STATE)
+    # None for anything unpatched, a model patch refuses included
+    return model.base_model.__dict__.get(_STATE) if isinstance(model, PreTrainedModel) else None
 
 
 # -- the hooks ---------------------------------------------------------------------------------
