@@ -31,7 +31,7 @@ from .split import FP_FUSION, MIN_SPLIT_TOKENS, choose_num_splits, ctas_per_sm, 
 LOG2_E = 1.4426950408889634
 # CTAs per SM of the split decode kernel on sm_90 by (grouped heads, fp8 / int8 pages): the static model
 # (kvkernels/static_model.py, 2026-11-25, triton 3.9 and 3.6, the GPU machine's): one head 8 and 9, grouped heads
-# 6 and 5; quantized pages 4-5 and 4, grouped 4 and 3-4. Lower bounds: the one-head and
+# 6 and 5; quantized pages 4 and 4, grouped 4 and 3-4. Lower bounds: the one-head and
 # grouped fp16 entries keep the 6 and 5 the CPU's split counts were tested with; tests/test_triton_compile.py
 # fails when the compiled kernel fits fewer. Used where no compiled kernel can be asked (the CPU interpreter).
 STATIC_CTAS_PER_SM = {(False, False): 6, (True, False): 5, (False, True): 4, (True, True): 3}
@@ -76,7 +76,7 @@ def _table_entries(table, tokens, end, BLOCK_SIZE: tl.constexpr, INT64_OFFSETS: 
 @triton.jit
 def _slot_in_block(tokens, BLOCK_SIZE: tl.constexpr, INT64_OFFSETS: tl.constexpr):
     # Tokens are never negative: as unsigned, % by a power-of-two block size is a mask, where the signed one (which
-    # rounds toward zero) costs several instructions per row: 7-9% of the loops' instructions on sm_90.
+    # rounds toward zero) costs several instructions per row: 3-9% of the loops' instructions on sm_90.
     slot = (tokens.to(tl.uint32) % BLOCK_SIZE).to(tl.int32)
     return slot.to(tl.int64) if INT64_OFFSETS else slot
 

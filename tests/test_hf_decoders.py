@@ -181,14 +181,19 @@ def test_models_it_cannot_serve_say_what_is_missing():
 # 24 wide, values 16); Llama4's chunked attention, which the paged kernels do not mask, was patched (and fell back to
 # HF with a misleading warning) and refused by generate for a wrong reason.
 CANNOT_SERVE = {
-    "minimax": (dict(num_local_experts=2, num_experts_per_tok=1), "cache of its own"),
-    "granitemoehybrid": (dict(layer_types=["attention", "mamba"], mamba_d_state=8, mamba_n_heads=4, mamba_d_head=32),
-                         "(linear_attention|mamba) layers"),  # transformers 5.17 kept the older name
-    "lfm2": (dict(layer_types=["full_attention", "conv"]), "conv layers"),
-    "llama4_text": (dict(num_local_experts=2, num_experts_per_tok=1, intermediate_size_mlp=64, attention_chunk_size=8,
-                         no_rope_layers=[1, 0]), "chunked_attention layers"),
+    "minimax": (dict(head_dim=16, num_local_experts=2, num_experts_per_tok=1), "cache of its own"),
+    "recurrent_gemma": (dict(head_dim=16, block_types=["recurrent", "attention"], attention_window_size=8),
+                        "recurrent state"),
+    "granitemoehybrid": (dict(head_dim=16, layer_types=["attention", "mamba"], mamba_d_state=8, mamba_n_heads=4,
+                              mamba_d_head=32), "recurrent state"),
+    "lfm2": (dict(head_dim=16, layer_types=["full_attention", "conv"]), "conv layers"),
+    "llama4_text": (dict(head_dim=16, num_local_experts=2, num_experts_per_tok=1, intermediate_size_mlp=64,
+                         attention_chunk_size=8, no_rope_layers=[1, 0]), "chunked_attention layers"),
     "deepseek_v3": (dict(n_routed_experts=2, num_experts_per_tok=1, qk_nope_head_dim=16, qk_rope_head_dim=8,
-                         v_head_dim=16, kv_lora_rank=16, q_lora_rank=None), "different head dims"),
+                         v_head_dim=16, kv_lora_rank=16, q_lora_rank=None), "latent attention"),
+    # equal key and value widths (16), but not the config's head_dim (its rotary part, 8), which sizes the pages
+    "glm4_moe_lite": (dict(n_routed_experts=2, num_experts_per_tok=1, qk_nope_head_dim=8, qk_rope_head_dim=8,
+                           v_head_dim=16, kv_lora_rank=16, q_lora_rank=None), "latent attention"),
 }
 
 
@@ -198,7 +203,7 @@ def test_decoders_with_other_caches_are_refused_by_patch_and_generate(family):
 
     overrides, message = CANNOT_SERVE[family]
     config = AutoConfig.for_model(family, vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
-                                  num_attention_heads=4, num_key_value_heads=4, head_dim=16, **overrides)
+                                  num_attention_heads=4, num_key_value_heads=4, **overrides)
     model = AutoModelForCausalLM.from_config(config).eval()
     with pytest.raises(TypeError, match=message):
         kvkernels.patch(model)

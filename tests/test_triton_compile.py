@@ -26,7 +26,7 @@ CASES = ["decode-fp16-d64", "decode-bf16-d80-split8", "decode-bf16-d80-split8-me
 # carries them, bytes in flight per SM as a multiple of Little's law's need, most warp instructions the loop
 # may issue per K/V page byte).
 # fp16 pages: TILE_N * D fp16 elements each in 128-bit loads, 4x the need. fp8 / int8 pages read twice fp16's
-# tokens (the same 8 KB): GPT-2's one head 128 tokens at 5 CTAs per SM (still 4x), grouped heads 64 tokens in
+# tokens (the same 8 KB): GPT-2's one head 128 tokens at 4 CTAs per SM (still 4x), grouped heads 64 tokens in
 # 64- and 128-bit loads at 4 CTAs per SM (the converted tiles cost registers).
 # Instructions per K/V page byte (scales excluded): the H100 ran the quantized loops at 2.5-3.7 warp
 # instructions per SM per ns (kvkernels/static_model.py), so a loop above ~0.16 per byte cannot stream 3 TB/s.

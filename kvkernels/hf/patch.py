@@ -119,22 +119,22 @@ def decoder_parts(model):
     if not getattr(type(base), "_supports_attention_backend", False):
         raise TypeError(f"{name}'s attention does not go through transformers' attention registry "
                         f"({type(base).__name__}._supports_attention_backend is False), which kvkernels plugs into")
-    if not _default_cache_fits(type(model)):
-        raise TypeError(f"{name} keeps a cache of its own (not transformers' DynamicCache), which kvkernels' paged cache "
-                        "cannot stand in for")
+    if getattr(model, "_is_stateful", False) or not _default_cache_fits(type(model)):
+        raise TypeError(f"{name} keeps recurrent state or a cache of its own (not transformers' DynamicCache), which "
+                        "kvkernels' paged cache cannot stand in for")
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     other = sorted({t for t in getattr(text, "layer_types", None) or () if t not in _SERVED_LAYER_TYPES})
     if other:
-        raise TypeError(f"{name} has {', '.join(other)} layers (config.layer_types), whose state kvkernels' paged cache "
-                        "does not hold: it serves decoders whose every layer is softmax attention")
-    key_dim, value_dim = getattr(text, "qk_head_dim", None), getattr(text, "v_head_dim", None)
-    if key_dim is not None and value_dim is not None and key_dim != value_dim:
-        raise TypeError(f"{name}'s keys and values have different head dims ({key_dim} and {value_dim}: multi-head "
-                        "latent attention), and kvkernels' pages hold one head dim for both")
+        raise TypeError(f"{name} has {', '.join(other)} layers (config.layer_types), which kvkernels does not serve: "
+                        "every layer must be softmax attention over the context or a sliding window")
     try:
-        attention_shape(config)
+        head_dim = attention_shape(config).head_dim
     except ValueError as err:
         raise TypeError(str(err)) from None
+    key_dim, value_dim = getattr(text, "qk_head_dim", head_dim), getattr(text, "v_head_dim", head_dim)
+    if (key_dim, value_dim) != (head_dim, head_dim):
+        raise TypeError(f"{name}'s keys are {key_dim} wide and its values {value_dim} (multi-head latent attention), "
+                        f"where kvkernels' pages hold head_dim={head_dim} for both")
     return base, (model if model is not base else None)
 
 
