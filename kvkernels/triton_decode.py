@@ -31,9 +31,9 @@ from .split import FP_FUSION, MIN_SPLIT_TOKENS, choose_num_splits, ctas_per_sm, 
 LOG2_E = 1.4426950408889634
 # CTAs per SM of the split decode kernel on sm_90 by (grouped heads, fp8 / int8 pages): the static model
 # (kvkernels/static_model.py, 2026-11-25, triton 3.9 and 3.6, the GPU machine's): one head 8 and 9, grouped heads
-# 6 and 5; quantized pages 4 and 4, grouped 4 and 3-4. Lower bounds: the one-head and
-# grouped fp16 entries keep the 6 and 5 the CPU's split counts were tested with; tests/test_triton_compile.py
-# fails when the compiled kernel fits fewer. Used where no compiled kernel can be asked (the CPU interpreter).
+# 6 and 5; quantized pages 4 and 4, grouped 4 and 3-4. Lower bounds: the one-head and grouped fp16 entries keep the
+# 6 and 5 the CPU's split counts were tested with; tests/test_triton_compile.py fails when the compiled kernel fits
+# fewer. Used where no compiled kernel can be asked (the CPU interpreter).
 STATIC_CTAS_PER_SM = {(False, False): 6, (True, False): 5, (False, True): 4, (True, True): 3}
 
 
