@@ -71,7 +71,7 @@ def check_counters_left_zero(counters):
 
 
 @settings(max_examples=25, deadline=None)
-@given(lens=st.lists(st.integers(1, 90), min_size=1, max_size=4), block_size=st.sampled_from([4, 8, 16]),
+@given(lens=st.lists(st.integers(1, 90), min_size=1, max_size=4), block_size=st.sampled_from([4, 6, 8, 12, 16]),
        group=st.sampled_from([1, 2, 3]), num_splits=st.integers(1, 4), fold=st.booleans(),
        seed=st.integers(0, 2**16))
 def test_triton_random_ragged_batches(lens, block_size, group, num_splits, fold, seed):
