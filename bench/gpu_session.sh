@@ -2,7 +2,8 @@
 # One GPU lease's work in stages, logs and results under $OUT (BENCHMARKS.md, "A GPU session"):
 #   bash bench/gpu_session.sh env build suite     # versions, the CUDA extension's JIT build (timed), the test suite
 #   bash bench/gpu_session.sh kernels-fp16 ncu    # the kernel grid (one invocation per shape), ncu on the decode kernels
-#   bash bench/gpu_session.sh step generate-b1 generate-b32 kernels-bf16 seeds   # one decode step profiled, end to end
+#   bash bench/gpu_session.sh step patch-profile generate-b1 generate-b32 kernels-bf16 seeds   # a decode step and
+#                                                   # patch's host time profiled, end to end
 # Each stage runs under its own time limit so one slow stage cannot take the others' results with it.
 # Through the device tool: name .whl in `carry` (it is git-ignored) and set KVKERNELS_COMMIT=<the commit sent>
 # (the copy of the tree may carry a stale .git, and the result files record the commit).
@@ -48,6 +49,8 @@ cuda_ext.unavailable_reason() or '')" 2>&1 | tee "$OUT/build.log" ;;
       echo "ncu exit $? ($(wc -l < "$OUT/ncu_decode.csv") lines)"; tail -3 "$OUT/ncu.log" ;;
     step)
       limit 100 python3 -m bench.profile step --out "$OUT" 2>&1 | grep -v USDT | tail -12 ;;
+    patch-profile)   # patch + HF generate against HF's dynamic cache: ms/token, device syncs per step, cProfile
+      limit 150 python3 -m bench.profile patch --out "$OUT" 2>&1 | grep -v USDT | tail -8 ;;
     generate-b1|generate-b32)    # batch 1 first: the batch-32 rows join its table (--append); GENERATE_ARGS: e.g. --modes
       batch=${stage#generate-b}
       limit "${GENERATE_S:-240}" python3 -m bench.generate --models 124M --dtypes fp16 --batches $batch --no-progress \

@@ -1,7 +1,7 @@
 """kvkernels: paged-KV decode attention kernels (Triton, CUDA, PyTorch) and a Hugging Face decoder integration."""
 from . import reference
 from .cache import BlockAllocator, CacheFullError, PagedKVCache
-from .ops import paged_decode_attention, write_kv_cache
+from .ops import DecodePlan, paged_decode_attention, write_kv_cache
 
 __version__ = "0.1.0"
 
@@ -16,5 +16,5 @@ def __getattr__(name):
     raise AttributeError(f"module 'kvkernels' has no attribute {name!r}")
 
 
-__all__ = ["paged_decode_attention", "write_kv_cache", "reference", "PagedKVCache", "BlockAllocator",
+__all__ = ["paged_decode_attention", "DecodePlan", "write_kv_cache", "reference", "PagedKVCache", "BlockAllocator",
            "CacheFullError", "patch", "unpatch", "patched", "is_patched", "generate"]

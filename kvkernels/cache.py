@@ -6,6 +6,7 @@ Layout per layer (NHD pages, what the kernels read):
                                      cached token and KV head, addressed by the same slots) or [H_kv] (static)
     block_tables                     int32 [max_batch_size, max_blocks_per_seq]  (device)
     seq_lens                         int32 [max_batch_size]                      (device)
+    split_counters                   int32 [max_batch_size, H_kv], zero          (device): a split decode's merge
 The allocator and a host mirror of tables and lengths live on the host, so appending tokens never
 reads the device. Only the rows of active sequences are meaningful to the kernels.
 """
@@ -146,6 +147,9 @@ class PagedKVCache:
             self.k_scales = self.v_scales = [None] * num_layers
         self.block_tables = torch.zeros(max_batch_size, self.max_blocks_per_seq, dtype=torch.int32, device=self.device)
         self.seq_lens = torch.zeros(max_batch_size, dtype=torch.int32, device=self.device)
+        # A split Triton decode's counters (int32 [max_batch_size, H_kv]): its last program per (sequence, KV head)
+        # merges the partitions, in the same launch. Zero before and after each decode; one decode at a time.
+        self.split_counters = torch.zeros(max_batch_size, num_kv_heads, dtype=torch.int32, device=self.device)
         self._tables = [[] for _ in range(max_batch_size)]   # host mirror of block_tables rows
         self._lens = [0] * max_batch_size                     # host mirror of seq_lens
 
@@ -154,6 +158,10 @@ class PagedKVCache:
     def seq_len(self, seq: int) -> int:
         self._check_slots([seq], "seq")
         return self._lens[seq]
+
+    def seq_lens_host(self) -> list:
+        """The host mirror of seq_lens, every slot (a copy): no device read."""
+        return list(self._lens)
 
     def _check_slots(self, seqs, name: str) -> None:
         """Slots index host lists: a negative one would silently mean another sequence."""
@@ -197,6 +205,7 @@ class PagedKVCache:
             plan.append((seq, n, blocks_needed - len(self._tables[seq])))
         new_blocks = self.allocator.allocate(sum(extra for _, _, extra in plan))  # raises before any change
         slots = []
+        grown = [seq for seq, _, extra in plan if extra]
         for seq, n, extra in plan:
             table = self._tables[seq]
             table.extend(new_blocks[:extra])
@@ -205,7 +214,7 @@ class PagedKVCache:
             slots.extend(table[pos // self.block_size] * self.block_size + pos % self.block_size
                          for pos in range(start, start + n))
             self._lens[seq] = start + n
-        self._sync_rows(seqs)
+        self._sync_rows(seqs, table_seqs=grown)
         return torch.tensor(slots, dtype=torch.int64).to(self.device, non_blocking=True)
 
     def reserve_ring(self, seqs, num_tokens, ring_blocks: int) -> None:
@@ -259,14 +268,22 @@ class PagedKVCache:
     def reset(self) -> None:
         self.free(range(self.max_batch_size))
 
-    def _sync_rows(self, seqs) -> None:
-        rows = torch.zeros(len(seqs), self.max_blocks_per_seq, dtype=torch.int32)
-        for i, seq in enumerate(seqs):
-            rows[i, :len(self._tables[seq])] = torch.tensor(self._tables[seq], dtype=torch.int32)
-        index = torch.tensor(seqs, dtype=torch.long, device=self.device)
-        self.block_tables.index_copy_(0, index, rows.to(self.device, non_blocking=True))
-        self.seq_lens.index_copy_(0, index, torch.tensor([self._lens[s] for s in seqs], dtype=torch.int32)
-                                  .to(self.device, non_blocking=True))
+    def _sync_rows(self, seqs, table_seqs=None) -> None:
+        """Copies the host lengths of `seqs` and the table rows of `table_seqs` (default: the same) to the device. A
+        decode step's reserve changes a table row once per block_size tokens, a length every time."""
+        table_seqs = seqs if table_seqs is None else table_seqs
+        if table_seqs:
+            rows = torch.zeros(len(table_seqs), self.max_blocks_per_seq, dtype=torch.int32)
+            for i, seq in enumerate(table_seqs):
+                rows[i, :len(self._tables[seq])] = torch.tensor(self._tables[seq], dtype=torch.int32)
+            index = torch.tensor(table_seqs, dtype=torch.long, device=self.device)
+            self.block_tables.index_copy_(0, index, rows.to(self.device, non_blocking=True))
+        lens = torch.tensor([self._lens[s] for s in seqs], dtype=torch.int32)
+        if list(seqs) == list(range(len(seqs))):   # leading slots (every HF step): a slice, no index tensor
+            self.seq_lens[:len(seqs)].copy_(lens, non_blocking=True)
+        else:
+            self.seq_lens.index_copy_(0, torch.tensor(seqs, dtype=torch.long, device=self.device),
+                                      lens.to(self.device, non_blocking=True))
 
     # -- kernels -------------------------------------------------------------------------------
 
@@ -314,7 +331,7 @@ class PagedKVCache:
             tables, lens = self.block_tables[index], self.seq_lens[index]
         return paged_decode_attention(q, self.k_pools[layer], self.v_pools[layer], tables, lens, scale=scale,
                                       k_scale=self.k_scales[layer], v_scale=self.v_scales[layer],
-                                      backend=self.backend, validate=False)
+                                      backend=self.backend, validate=False, split_counters=self.split_counters[:len(seqs)])
 
 
 def _page_dtype(cache_dtype, dtype):

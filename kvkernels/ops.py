@@ -95,6 +95,76 @@ def resolve_backend(backend: str, device: torch.device, shape=None, quantized=Fa
     return backend
 
 
+def _layout(*tensors):
+    """What a launch is specialised on besides the data: each tensor's shape, strides, dtype and device (None stays)."""
+    return tuple(None if t is None else (t.shape, t.stride(), t.dtype, t.device) for t in tensors)
+
+
+class DecodePlan:
+    """A decode over one set of block tables, planned once and run for each layer (FlashInfer's plan / run): the
+    constructor checks the inputs, picks the backend and the split count; `run` checks only that a layer's tensors are
+    laid out as the plan's and launches. The arguments are `paged_decode_attention`'s; q, the caches and the scales given
+    here are templates (their layout, not their data, is used).
+
+    Calls of `run` on one plan must not overlap in time (they share the split counters): a model's layers, one after
+    another on one stream.
+    """
+
+    def __init__(self, q, k_cache, v_cache, block_tables, seq_lens, *, k_scale=None, v_scale=None, backend="auto",
+                 validate=True, seq_starts=None, split_counters=None):
+        shape = check_decode_inputs(q, k_cache, v_cache, block_tables, seq_lens, seq_starts=seq_starts)
+        check_kv_scales(k_cache, v_cache, k_scale, v_scale)
+        self.backend = resolve_backend(backend, q.device, shape, is_quantized(k_cache.dtype), seq_starts is not None)
+        if split_counters is not None:
+            check_split_counters(split_counters, shape, q.device, validate)
+        if validate:
+            check_decode_values(block_tables, seq_lens, shape, seq_starts)
+        self.shape, self.split_counters = shape, split_counters
+        self.block_tables, self.seq_lens = _unit_stride(block_tables), _unit_stride(seq_lens)
+        self.seq_starts = None if seq_starts is None else _unit_stride(seq_starts)
+        self.num_splits = None
+        if self.backend == "triton":
+            from . import triton_decode
+            self.num_splits = triton_decode.default_num_splits(shape, q.dtype, q.device, cache_dtype=k_cache.dtype)
+        self._layout = _layout(q, k_cache, v_cache, k_scale, v_scale)
+
+    def matches(self, q, k_cache, v_cache, k_scale=None, v_scale=None) -> bool:
+        """Whether `run` takes these tensors: laid out as the plan's templates."""
+        return _layout(q, k_cache, v_cache, k_scale, v_scale) == self._layout
+
+    def run(self, q, k_cache, v_cache, *, scale=None, k_scale=None, v_scale=None, out=None):
+        """The decode of q [B, H, D] over k_cache, v_cache (and k_scale, v_scale for fp8 / int8 pages), laid out as the
+        plan's; scale and out as in `paged_decode_attention`. Returns out [B, H, D] in q's dtype."""
+        if not self.matches(q, k_cache, v_cache, k_scale, v_scale):
+            raise ValueError("q, k_cache, v_cache, k_scale and v_scale must have the shapes, strides, dtypes and device "
+                             "of the tensors the plan was made with: make a DecodePlan for these")
+        return self._launch(q, k_cache, v_cache, scale, k_scale, v_scale, out)
+
+    def _launch(self, q, k_cache, v_cache, scale, k_scale, v_scale, out):
+        shape = self.shape
+        if out is None:
+            out = torch.empty_like(q, memory_format=torch.contiguous_format)
+        elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1:
+            raise ValueError(f"out must be a {tuple(q.shape)} {q.dtype} tensor on {q.device} with a contiguous last "
+                             f"dim, got {tuple(out.shape)} {out.dtype} on {out.device}")
+        scale = shape.head_dim ** -0.5 if scale is None else float(scale)
+        q, block_tables, seq_lens, seq_starts = _unit_stride(q), self.block_tables, self.seq_lens, self.seq_starts
+        if self.backend == "torch":
+            out.copy_(reference.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale=scale,
+                                                       k_scale=k_scale, v_scale=v_scale, validate=False,
+                                                       seq_starts=seq_starts))
+        elif self.backend == "cuda":
+            from . import cuda_ext
+            cuda_ext.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, shape, scale, out,
+                                            k_scale=k_scale, v_scale=v_scale)
+        else:
+            from . import triton_decode
+            triton_decode.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, shape, scale, out,
+                                                 num_splits=self.num_splits, seq_starts=seq_starts,
+                                                 split_counters=self.split_counters, k_scale=k_scale, v_scale=v_scale)
+        return out
+
+
 def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, *, scale=None, k_scale=None, v_scale=None,
                            backend="auto", validate=True, out=None, seq_starts=None, split_counters=None):
     """Single-query attention for each sequence over its pages of a paged KV cache.
@@ -127,37 +197,12 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, *, scale
 
     Returns:
         out: [B, H, D] in q's dtype.
+
+    A model's layers share the tables: `DecodePlan` makes these checks once and runs each layer's decode.
     """
-    shape = check_decode_inputs(q, k_cache, v_cache, block_tables, seq_lens, seq_starts=seq_starts)
-    check_kv_scales(k_cache, v_cache, k_scale, v_scale)
-    backend = resolve_backend(backend, q.device, shape, is_quantized(k_cache.dtype), seq_starts is not None)
-    if out is None:
-        out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1:
-        raise ValueError(f"out must be a {tuple(q.shape)} {q.dtype} tensor on {q.device} with a contiguous last dim, "
-                         f"got {tuple(out.shape)} {out.dtype} on {out.device}")
-    if split_counters is not None:
-        check_split_counters(split_counters, shape, q.device, validate)
-    if validate:
-        check_decode_values(block_tables, seq_lens, shape, seq_starts)
-    scale = shape.head_dim ** -0.5 if scale is None else float(scale)
-    q, block_tables, seq_lens = _unit_stride(q), _unit_stride(block_tables), _unit_stride(seq_lens)
-    if seq_starts is not None:
-        seq_starts = _unit_stride(seq_starts)
-    if backend == "torch":
-        out.copy_(reference.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale=scale,
-                                                   k_scale=k_scale, v_scale=v_scale, validate=False,
-                                                   seq_starts=seq_starts))
-    elif backend == "cuda":
-        from . import cuda_ext
-        cuda_ext.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, shape, scale, out,
-                                        k_scale=k_scale, v_scale=v_scale)
-    else:
-        from . import triton_decode
-        triton_decode.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, shape, scale, out,
-                                             seq_starts=seq_starts, split_counters=split_counters, k_scale=k_scale,
-                                             v_scale=v_scale)
-    return out
+    plan = DecodePlan(q, k_cache, v_cache, block_tables, seq_lens, k_scale=k_scale, v_scale=v_scale, backend=backend,
+                      validate=validate, seq_starts=seq_starts, split_counters=split_counters)
+    return plan._launch(q, k_cache, v_cache, scale, k_scale, v_scale, out)
 
 
 def write_kv_cache(k, v, k_cache, v_cache, slot_mapping, *, k_scale=None, v_scale=None, backend="auto",

@@ -9,6 +9,7 @@ import logging
 import math
 import re
 import threading
+import warnings
 from pathlib import Path
 
 import matplotlib.image
@@ -114,6 +115,39 @@ def test_kernels_quick_outputs(kernels_run):
     assert result["plots"]
     for path in result["plots"]:
         assert_valid_png(path)
+
+
+def test_patch_profile_writes_its_tables(tmp_path, monkeypatch):
+    """`python -m bench.profile patch` (GPU only) on the CPU with the device calls stubbed and a tiny model: every
+    mode timed, the synchronising ops torch would report placed at the frame that made them, a cProfile per
+    patched mode; the Markdown holds all three."""
+    from bench import profile
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    def sync_debug_mode(mode):  # what torch's "warn" mode reports for a synchronising op
+        if mode == "warn":
+            warnings.warn("called a synchronizing CUDA operation")
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: None)
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", sync_debug_mode)
+    monkeypatch.setattr(profile, "build_model", lambda name, dtype, device: GPT2LMHeadModel(
+        GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=64, n_positions=64)).eval())
+    if not INTERPRETED:
+        pytest.skip("the patched mode runs Triton: on the CPU through its interpreter")
+    result = profile.profile_patch(torch.device("cpu"), tmp_path, steps=2)
+    modes = [row["mode"] for row in result["rows"]]
+    assert modes == ["hf_dynamic", "patch[triton]"]
+    assert all(row["decode_ms_per_token"] != 0 for row in result["rows"])
+    assert all(list(row["syncs_per_step"]) == [f"tests/test_bench.py:{sync_line()} sync_debug_mode"]
+               for row in result["rows"])
+    assert any(entry["function"].startswith("kvkernels/hf/cache.py:") and entry["function"].endswith(" attend")
+               for entry in result["profiles"]["patch[triton]"]["kvkernels_by_total_time"])
+    text = (tmp_path / "profile_patch.md").read_text()
+    assert "patch[triton]" in text and "cProfile of patch[triton]" in text and "Syncs per step" in text
+
+
+def sync_line():
+    source = Path(__file__).read_text().splitlines()
+    return 1 + next(i for i, line in enumerate(source) if 'warnings.warn("called a synchronizing' in line)
 
 
 def test_kernel_inputs_are_shuffled_and_poisoned():

@@ -92,6 +92,39 @@ def test_ragged_appends_decode_like_dense_attention(backend):
     assert cache.seq_lens.tolist() == [n + 6 for n in prompt_lens]
 
 
+@settings(max_examples=40, deadline=None)
+@given(ops=st.lists(st.tuples(st.sampled_from(["reserve", "truncate", "free"]), st.lists(st.integers(0, 3), min_size=1,
+                                                                                         max_size=4, unique=True),
+                              st.integers(0, 20)), min_size=1, max_size=16))
+def test_device_tables_and_lengths_follow_the_host_through_any_operations(ops):
+    """After every reserve (leading slots or not, within a block or into new ones), truncate and free, the device's
+    block_tables and seq_lens are the host's view: each position's block from the slots reserve returned, zeros past a
+    sequence's blocks. A reserve copies only the table rows that grew."""
+    cache = make_cache("torch", num_blocks=64, block_size=4, max_batch_size=4)
+    blocks = {s: [] for s in range(4)}               # per sequence slot: the block of each position
+    for op, seqs, n in ops:
+        if op == "reserve":
+            try:
+                slots = cache.reserve(seqs, [n] * len(seqs)).tolist()
+            except CacheFullError:                      # all or nothing: the state stays as it was
+                slots, seqs = [], []
+            for i, seq in enumerate(seqs):
+                blocks[seq] += [slot // 4 for slot in slots[i * n:(i + 1) * n]]
+        elif op == "truncate":
+            lens = [min(n, len(blocks[s])) for s in seqs]
+            cache.truncate(seqs, lens)
+            for seq, keep in zip(seqs, lens):
+                del blocks[seq][keep:]
+        else:
+            cache.free(seqs)
+            for seq in seqs:
+                blocks[seq] = []
+        for seq in range(4):
+            table = list(dict.fromkeys(blocks[seq]))    # one entry per block, in position order
+            assert cache.block_tables[seq].tolist() == table + [0] * (cache.max_blocks_per_seq - len(table))
+            assert int(cache.seq_lens[seq]) == len(blocks[seq]) == cache.seq_len(seq)
+
+
 def test_exhaustion_is_clear_and_loses_nothing():
     cache = make_cache("torch", num_blocks=5)
     slots = cache.reserve([0, 1], [9, 3])        # 3 + 1 blocks

@@ -133,6 +133,43 @@ def test_triton_default_split_heuristic_splits_long_contexts():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_decode_plan_runs_each_layer_as_the_one_shot_decode(backend):
+    """A DecodePlan made from one layer's tensors runs another layer's (same layout, other data) exactly as
+    paged_decode_attention does, splitting included (the one-shot call's own split count), with per-layer scales."""
+    p = make_problem([700, 3, 260], num_heads=8, num_kv_heads=2, head_dim=64, block_size=32, dtype=torch.float16,
+                     device=DEVICE)
+    g = torch.Generator().manual_seed(1)
+
+    def redrawn(pages):  # another layer: new data in the same slots, NaN left in the free ones
+        return torch.where(pages.isnan(), pages, torch.randn(pages.shape, generator=g).to(pages))
+    other = (redrawn(p.q), redrawn(p.k_cache), redrawn(p.v_cache))
+    counters = torch.zeros(3, 2, dtype=torch.int32, device=DEVICE)
+    plan = kvkernels.DecodePlan(*p.args(), backend=backend, split_counters=counters)
+    if backend == "triton":
+        assert plan.num_splits > 1, "the 700-token sequence splits"
+    for (q, k_cache, v_cache), scale in (((p.q, p.k_cache, p.v_cache), None), (other, 0.3)):
+        out = plan.run(q, k_cache, v_cache, scale=scale, out=nan_output(p.q))
+        check_counters_left_zero(counters)
+        expected = kvkernels.paged_decode_attention(q, k_cache, v_cache, p.block_tables, p.seq_lens, scale=scale,
+                                                    backend=backend, out=nan_output(p.q), split_counters=counters)
+        assert torch.equal(out, expected)
+    check_against_reference(p, plan.run(p.q, p.k_cache, p.v_cache, out=nan_output(p.q)))
+
+
+def test_decode_plan_refuses_tensors_laid_out_otherwise():
+    """run takes only tensors with the plan's shapes, strides, dtypes and device: anything else would be launched
+    with the plan's split count and checks, made for other tensors."""
+    p = make_problem([40, 17], num_heads=4, num_kv_heads=2, head_dim=32, device=DEVICE)
+    plan = kvkernels.DecodePlan(*p.args(), backend="torch")
+    assert plan.matches(p.q, p.k_cache, p.v_cache)
+    for q, k_cache in ((p.q[:1], p.k_cache), (p.q.half(), p.k_cache), (p.q, p.k_cache[:-1]),
+                       (p.q.transpose(0, 1).contiguous().transpose(0, 1), p.k_cache)):
+        assert not plan.matches(q, k_cache, p.v_cache)
+        with pytest.raises(ValueError, match="make a DecodePlan for these"):
+            plan.run(q, k_cache, p.v_cache)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_strided_query_and_fresh_draws(backend):
     """q as views (a slice of a fused projection; a transposed copy), several independent draws."""
     for seed in range(3):

@@ -10,7 +10,7 @@ from transformers import DynamicCache, GPT2LMHeadModel, GPT2Model
 import helpers
 import kvkernels
 from conftest import DEVICE, kernel_backends
-from helpers import make_gpt2
+from helpers import KernelCounter, make_gpt2
 from kvkernels.hf import PagedCache, is_patched
 
 BACKENDS = kernel_backends()
@@ -31,6 +31,32 @@ class AttendCounter:
             self.calls += 1
             return original(cache, *args, **kwargs)
         monkeypatch.setattr(PagedCache, "attend", counting)
+
+
+@pytest.mark.parametrize("prompt_len", [8, 1000], ids=["short", "split"])
+def test_a_patched_decode_step_launches_one_write_and_one_decode_per_layer(monkeypatch, prompt_len):
+    """HF's generate loop is host-bound on a GPU, so every launch and tensor op kvkernels adds per layer is host time
+    it adds per token. A decode step's layer writes the new K/V and attends in one Triton launch each, with no tensor
+    op or host sync of its own; at a context long enough to split, the partitions merge inside the decode launch
+    (dry run: launches counted, not executed)."""
+    if "triton" not in BACKENDS:
+        pytest.skip("needs Triton")
+    model = make_model(n_layer=3, n_positions=1024)
+    counter = KernelCounter(monkeypatch, dry=True)
+    attend = PagedCache.attend
+
+    def counted(cache, *args, **kwargs):
+        if not cache.step.decode:
+            return attend(cache, *args, **kwargs)
+        with counter:
+            return attend(cache, *args, **kwargs)
+    monkeypatch.setattr(PagedCache, "attend", counted)
+    ids = torch.randint(2, 256, (1, prompt_len), device=DEVICE)
+    with kvkernels.patched(model, backend="triton"), torch.no_grad():
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False)
+    assert counter.launches == {"_write_kv_kernel": 2 * 3, "_paged_decode_kernel": 2 * 3}   # 2 steps x 3 layers
+    assert not counter.ops and not counter.syncs
+    assert (counter.grids["_paged_decode_kernel"][2] > 1) == (prompt_len == 1000)
 
 
 def teacher_forced_logits(model, ids, mask, steps):

@@ -7,11 +7,10 @@ from dataclasses import dataclass
 import pytest
 import torch
 import triton
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import kvkernels
 from conftest import DEVICE
-from helpers import make_gpt2, padded_batch, run_sm90_compile
+from helpers import KernelCounter, make_gpt2, padded_batch, run_sm90_compile
 from kvkernels import generation, split, step_reference, triton_step
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -271,67 +270,6 @@ def test_update_state_without_eos():
 
 # ---------------------------------------------------------------------------------------------------------------
 # The launch budget of one decode step.
-
-# Ops that only make, view or describe tensors: no kernel runs for them.
-NO_KERNEL = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "detach", "lift_fresh",
-             "set_", "resize_", "sym_size", "sym_stride", "sym_numel", "sym_storage_offset", "is_same_size"}
-# Ops that read a device value on the host: a CUDA graph cannot capture them.
-HOST_SYNC = {"_local_scalar_dense", "item", "nonzero", "equal", "is_nonzero", "masked_select", "unique"}
-
-
-class KernelCounter(TorchDispatchMode):
-    """Counts the kernels an eager run would launch on a GPU: aten ops that compute (views, allocations and
-    metadata do not launch) plus Triton launches. An addmm counts twice: at M = 1 cuBLAS copies the bias into
-    the output in a kernel of its own. Ops inside a Triton launch (the interpreter's copies) are not counted.
-    dry: skip executing Triton kernels, in the step (their launch is counted all the same) and around it."""
-
-    def __init__(self, monkeypatch, dry=False):
-        super().__init__()
-        self.ops, self.launches, self.grids, self.syncs, self._inside, self._active = {}, {}, {}, [], False, False
-        self.unfused = set()  # kernels launched without fused multiply-adds pinned
-        from triton.runtime.interpreter import InterpretedFunction
-        from triton.runtime.jit import JITFunction
-        kernel_class = InterpretedFunction if os.environ.get("TRITON_INTERPRET") == "1" else JITFunction
-        launch = kernel_class.run
-
-        def counted_launch(fn, *args, **kwargs):
-            if kwargs.get("warmup"):   # a compile without a launch (the split heuristic reads the occupancy)
-                return launch(fn, *args, **kwargs)
-            if self._active:
-                self.launches[fn.fn.__name__] = self.launches.get(fn.fn.__name__, 0) + 1
-                self.grids[fn.fn.__name__] = tuple(kwargs["grid"])
-                if kwargs.get("enable_fp_fusion") is not True:
-                    self.unfused.add(fn.fn.__name__)
-            if dry:
-                return None
-            self._inside = True
-            try:
-                return launch(fn, *args, **kwargs)
-            finally:
-                self._inside = False
-        monkeypatch.setattr(kernel_class, "run", counted_launch)
-
-    def __enter__(self):
-        self._active = True
-        return super().__enter__()
-
-    def __exit__(self, *exc):
-        self._active = False
-        return super().__exit__(*exc)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        if not self._inside:
-            if name in HOST_SYNC:
-                self.syncs.append(name)
-            if name not in NO_KERNEL and not func.is_view:
-                self.ops[name] = self.ops.get(name, 0) + (2 if name == "addmm" else 1)
-        return func(*args, **(kwargs or {}))
-
-    @property
-    def total(self):
-        return sum(self.ops.values()) + sum(self.launches.values())
-
 
 class _StepCounted(Exception):
     pass

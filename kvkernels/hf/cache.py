@@ -10,8 +10,9 @@ pool. The cache remembers which columns each sequence stored (`columns`), so tha
 
 Per forward call (a "step"), the patch calls `begin_step` with the step's 2D mask; the cache reserves the new real
 tokens' slots on the host, then each layer's `attend` writes the new K/V with kvkernels.write_kv_cache and attends:
-    * one real token per sequence, nothing hidden -> kvkernels.paged_decode_attention over the pages (grouped-query
-      heads read their shared KV head); under a sliding window the kernel starts each sequence at its first token
+    * one real token per sequence, nothing hidden -> the paged decode kernel over the pages (grouped-query heads read
+      their shared KV head), one launch per layer: a kvkernels.DecodePlan per step settles the checks, the backend
+      and the split count for every layer; under a sliding window the kernel starts each sequence at its first token
       inside the window and never reads the pages before it;
     * anything else (prompt, continuation, padding, hidden columns) -> gather the sequences' pages and run SDPA with
       a per-query mask: HF's causal, padding and sliding-window mask over the unpadded layout.
@@ -32,7 +33,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from .._validate import is_quantized
 from ..cache import CacheFullError, PagedKVCache
 from ..gpt2_common import blocks_for
-from ..ops import paged_decode_attention, resolve_backend
+from ..ops import DecodePlan, resolve_backend
 from ..reference import gather_kv
 
 
@@ -126,7 +127,6 @@ class _Step:
     num_new: int                 # T, new columns in this forward
     slot_mapping: torch.Tensor   # int64 [B * T], -1 for padding tokens
     decode: bool                 # every sequence adds exactly one real token and no stored column is hidden
-    visible: torch.Tensor        # int64 [B, T] on the host: stored tokens query t may see (its own included)
     hidden_keys: torch.Tensor    # bool [B, L] on the host, or None: stored tokens the mask hides in this step
     new_real: torch.Tensor       # bool [B, T] on the host: which new columns are stored
     table_blocks: int            # block-table columns covering the longest sequence after the step
@@ -134,6 +134,7 @@ class _Step:
     masks: dict = field(default_factory=dict)      # window -> (attn_mask [B, 1, T, L], blind [B, T, 1, 1])
     starts: dict = field(default_factory=dict)     # window -> int64 [B, T] first stored token seen, or None
     decode_starts: dict = field(default_factory=dict)  # window -> the same for a decode step: int32 [B] on the device
+    decode_plans: dict = field(default_factory=dict)   # window -> the DecodePlan its layers share in a decode step
     updated: set = field(default_factory=set)      # layers whose `update` passed K/V through in this step
     attended: set = field(default_factory=set)     # layers `attend` served in this step
 
@@ -164,6 +165,7 @@ class PagedCache(Cache):
         self.pool = None
         self.seen_tokens = 0
         self.columns = None      # bool [num_seqs, seen_tokens] on the host: the columns each sequence stored
+        self._stored_every_column = True   # no column was ever padding (False may be stale after a crop: only slower)
         self.step = None
         self._hf_step_slots = None
 
@@ -305,7 +307,7 @@ class PagedCache(Cache):
             self.columns = self.columns[source_seqs]
 
     def _reserve(self, counts):
-        lens = [self.pool.seq_len(s) for s in range(self.num_seqs)]
+        lens = self.pool.seq_lens_host()[:self.num_seqs]
         needed = [blocks_for(n + c, self.block_size) for n, c in zip(lens, counts)]
         try:
             if max(needed) > self.pool.max_blocks_per_seq and self.position_limit is None:
@@ -345,7 +347,8 @@ class PagedCache(Cache):
                                  f"paged cache, got {tuple(attention_mask.shape)}")
             mask = (attention_mask != 0).to("cpu")                                               # [B, seen + T]
             new_real = mask[:, seen:]
-            if seen:
+            # The usual step (every column real, none ever padding) has nothing to revive or hide.
+            if seen and not (self._stored_every_column and bool(mask.all())):
                 past = mask[:, :seen]
                 revived = past & ~self.columns
                 if bool(revived.any()):
@@ -355,7 +358,7 @@ class PagedCache(Cache):
                                      "Unmasking an earlier padding column needs HF's own cache: pass a DynamicCache")
                 hidden = self.columns & ~past
                 hidden = hidden if bool(hidden.any()) else None
-        lens_before = [self.pool.seq_len(s) for s in range(batch)]
+        lens_before = self.pool.seq_lens_host()[:batch]
         all_real = bool(new_real.all())
         counts = [num_new] * batch if all_real else new_real.sum(1).tolist()
         slots = self._reserve(counts)
@@ -366,15 +369,13 @@ class PagedCache(Cache):
         # Only the table columns the longest sequence uses: the kernels' work (and Triton's split count)
         # then follows the actual lengths, not the model's maximum.
         table_blocks = max(blocks_for(max(n + c for n, c in zip(lens_before, counts)), self.block_size), 1)
-        # Query t of sequence b sees the stored tokens up to and including its column (its length so far).
-        visible = torch.tensor(lens_before)[:, None] + new_real.long().cumsum(1)                     # [B, T]
         hidden_keys = None
         if hidden is not None:
             hidden_keys = torch.zeros(batch, table_blocks * self.block_size, dtype=torch.bool)
             for row in range(batch):
                 stored = hidden[row][self.columns[row]]              # the hidden flags of row's stored tokens
                 hidden_keys[row, :stored.numel()] = stored
-        self.step = _Step(num_new, slots, decode, visible, hidden_keys, new_real, table_blocks, lens_before)
+        self.step = _Step(num_new, slots, decode, hidden_keys, new_real, table_blocks, lens_before)
 
     def end_step(self):
         skipped = sorted(self.step.updated - self.step.attended)
@@ -394,6 +395,7 @@ class PagedCache(Cache):
         self.step = None
 
     def _append_columns(self, new_real):
+        self._stored_every_column = (self.columns is None or self._stored_every_column) and bool(new_real.all())
         self.columns = new_real.clone() if self.columns is None else torch.cat([self.columns, new_real], dim=1)
 
     # -- what the patched attention calls, layer by layer -------------------------------------
@@ -427,7 +429,9 @@ class PagedCache(Cache):
         step = self.step
         if window not in step.masks:
             keys = torch.arange(step.table_blocks * self.block_size)
-            host_mask = keys[None, None, :] < step.visible[:, :, None]                                 # [B, T, L]
+            # Query t of sequence b sees the stored tokens up to and including its column (its length so far).
+            visible = torch.tensor(step.lens_before)[:, None] + step.new_real.long().cumsum(1)          # [B, T]
+            host_mask = keys[None, None, :] < visible[:, :, None]                                      # [B, T, L]
             starts = self.window_starts(window)
             if starts is not None:
                 host_mask &= keys[None, None, :] >= starts[:, :, None]
@@ -462,12 +466,17 @@ class PagedCache(Cache):
                     value.reshape(batch * num_new, self.num_kv_heads, dim).to(pool.dtype), step.slot_mapping)
         tables, lens = pool.block_tables[:batch, :step.table_blocks], pool.seq_lens[:batch]
         if step.decode:
-            starts = self._decode_starts(window)
-            # The CUDA kernel has no window start; Triton runs wherever CUDA does.
-            backend = "triton" if starts is not None and self.backend == "cuda" else self.backend
-            out = paged_decode_attention(query.reshape(batch, heads, dim).to(pool.dtype), k_pages, v_pages, tables,
-                                         lens, scale=scale, k_scale=k_scale, v_scale=v_scale, backend=backend,
-                                         validate=False, seq_starts=starts)                    # [B, H, D]
+            q = query.reshape(batch, heads, dim).to(pool.dtype)                                     # [B, H, D]
+            plan = step.decode_plans.get(window)
+            if plan is None or not plan.matches(q, k_pages, v_pages, k_scale, v_scale):
+                # Checks, backend and split count once per step, not per layer (the layers share the tables).
+                starts = self._decode_starts(window)
+                # The CUDA kernel has no window start; Triton runs wherever CUDA does.
+                backend = "triton" if starts is not None and self.backend == "cuda" else self.backend
+                plan = step.decode_plans[window] = DecodePlan(
+                    q, k_pages, v_pages, tables, lens, k_scale=k_scale, v_scale=v_scale, backend=backend,
+                    validate=False, seq_starts=starts, split_counters=pool.split_counters[:batch])
+            out = plan.run(q, k_pages, v_pages, scale=scale, k_scale=k_scale, v_scale=v_scale)  # [B, H, D]
             return out.to(query.dtype).view(batch, 1, heads, dim)
         attn_mask, blind = self._mask(window)
         group = heads // self.num_kv_heads

@@ -267,9 +267,23 @@ def _gradient_can_flow(base, arguments):
         or any(p.requires_grad for p in base.parameters())
 
 
+def _any_training(module) -> bool:
+    """Whether `module` or a module under it is in training mode. A walk of `_modules`: `modules()` builds every
+    module's dotted name, which cost ~0.1 ms per step on GPT-2."""
+    stack = [module]
+    while stack:
+        module = stack.pop()
+        if module is None:          # a registered child slot left empty
+            continue
+        if module.training:
+            return True
+        stack.extend(module._modules.values())
+    return False
+
+
 def _unsupported_reason(base, arguments):
     """Why this forward cannot run exactly on a paged cache, or None."""
-    if any(module.training for module in base.modules()):
+    if _any_training(base):
         return "a module of the model is in training mode, so dropout must run (call model.eval())"
     if _gradient_can_flow(base, arguments):
         return ("a gradient can flow through this forward (a parameter or input requires grad) and the paged "
