@@ -165,6 +165,8 @@ class PagedKVCache:
 
     def _check_slots(self, seqs, name: str) -> None:
         """Slots index host lists: a negative one would silently mean another sequence."""
+        if all(type(seq) is int for seq in seqs) and (not seqs or 0 <= min(seqs) and max(seqs) < self.max_batch_size):
+            return  # plain ints in range: the usual case, checked without a per-slot isinstance (this runs per step)
         for seq in seqs:
             if isinstance(seq, bool) or not isinstance(seq, numbers.Integral):
                 raise TypeError(f"{name}: sequence slots are ints, got {seq!r}")
