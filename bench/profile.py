@@ -137,8 +137,9 @@ def _short_path(path: str) -> str:
 
 
 def _syncs_per_step(model, prompt, steps: int) -> dict:
-    """{where: count per decode step} of the device syncs torch reports (set_sync_debug_mode) in a generate run, each
-    placed at its innermost kvkernels frame, else the innermost frame outside torch."""
+    """{where: count per decode step} of the device syncs torch reports (set_sync_debug_mode) in a generate run of
+    `steps` new tokens (prefill included, over `steps`), each placed at its innermost kvkernels frame, else the
+    innermost frame outside torch."""
     places = {}
 
     def record(message, category, filename, lineno, file=None, line=None):
@@ -198,7 +199,7 @@ def profile_patch(device, out_dir, model_name: str = "124M", batch: int = 1, ste
              environment_markdown(result["environment"]), "",
              f"GPT-2 {model_name} fp16, batch {batch}, prompt 9, greedy; decode ms/token = (median of 3 runs of "
              f"{3 * steps} new tokens - median of 3 runs of {steps}) / {2 * steps}.", "",
-             markdown_table(["mode", "decode ms/token", "device syncs / step"],
+             markdown_table(["mode", "decode ms/token", f"device syncs / step (a run of {steps}, prefill included)"],
                             [[r["mode"], f"{r['decode_ms_per_token']:.2f}", f"{sum(r['syncs_per_step'].values()):.1f}"]
                              for r in rows]), ""]
     for r in rows:

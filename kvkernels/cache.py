@@ -269,6 +269,7 @@ class PagedKVCache:
 
     def reset(self) -> None:
         self.free(range(self.max_batch_size))
+        self.split_counters.zero_()   # a decode interrupted mid-launch can leave a count behind
 
     def _sync_rows(self, seqs, table_seqs=None) -> None:
         """Copies the host lengths of `seqs` and the table rows of `table_seqs` (default: the same) to the device. A
@@ -317,7 +318,11 @@ class PagedKVCache:
                        v_scale=self.v_scales[layer], backend=self.backend, validate=False)
 
     def decode(self, layer: int, q, seqs=None, *, scale=None):
-        """Decode attention of q [B, H, D] over sequence slots `seqs` (default: slots 0..B-1)."""
+        """Decode attention of q [B, H, D] over sequence slots `seqs` (default: slots 0..B-1).
+
+        A split Triton decode merges its partitions in its own launch through the pool's `split_counters`, which it
+        leaves at zero: decodes of one pool must not overlap in time (another stream or thread, two CUDA graphs
+        replayed at once). `reset()` zeroes them."""
         self._check_layer(layer)
         seqs = list(range(q.shape[0])) if seqs is None else list(seqs)
         self._check_slots(seqs, "seqs")

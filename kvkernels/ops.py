@@ -96,15 +96,27 @@ def resolve_backend(backend: str, device: torch.device, shape=None, quantized=Fa
 
 
 def _layout(*tensors):
-    """What a launch is specialised on besides the data: each tensor's shape, strides, dtype and device (None stays)."""
-    return tuple(None if t is None else (t.shape, t.stride(), t.dtype, t.device) for t in tensors)
+    """What a launch is specialised on besides the data: each tensor's shape, strides, dtype and device (None stays;
+    anything else is its type, which no tensor's layout equals)."""
+    return tuple(t if t is None else (t.shape, t.stride(), t.dtype, t.device) if isinstance(t, torch.Tensor) else type(t)
+                 for t in tensors)
+
+
+def _check_out(q, out):
+    if out is not None and (not isinstance(out, torch.Tensor) or out.shape != q.shape or out.dtype != q.dtype
+                            or out.device != q.device or out.stride(-1) != 1):
+        got = f"{tuple(out.shape)} {out.dtype} on {out.device}" if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"out must be a {tuple(q.shape)} {q.dtype} tensor on {q.device} with a contiguous last dim, "
+                         f"got {got}")
 
 
 class DecodePlan:
     """A decode over one set of block tables, planned once and run for each layer (FlashInfer's plan / run): the
-    constructor checks the inputs, picks the backend and the split count; `run` checks only that a layer's tensors are
-    laid out as the plan's and launches. The arguments are `paged_decode_attention`'s; q, the caches and the scales given
-    here are templates (their layout, not their data, is used).
+    constructor checks the inputs, resolves the backend and, for Triton, picks the split count; `run` checks that a
+    layer's tensors are laid out as the plan's (and `out`) and launches. The arguments are `paged_decode_attention`'s;
+    q, the caches and the scales given here are templates (their layout, not their data, is used). The tables, lengths
+    and starts are the plan's own: views of them are read at every `run`, except one whose last stride is not 1, which
+    is copied once, here.
 
     Calls of `run` on one plan must not overlap in time (they share the split counters): a model's layers, one after
     another on one stream.
@@ -116,17 +128,24 @@ class DecodePlan:
         check_kv_scales(k_cache, v_cache, k_scale, v_scale)
         self.backend = resolve_backend(backend, q.device, shape, is_quantized(k_cache.dtype), seq_starts is not None)
         if split_counters is not None:
-            check_split_counters(split_counters, shape, q.device, validate)
-        if validate:
-            check_decode_values(block_tables, seq_lens, shape, seq_starts)
+            check_split_counters(split_counters, shape, q.device, check_zero=False)
         self.shape, self.split_counters = shape, split_counters
         self.block_tables, self.seq_lens = _unit_stride(block_tables), _unit_stride(seq_lens)
         self.seq_starts = None if seq_starts is None else _unit_stride(seq_starts)
+        if validate:
+            self.validate()
         self.num_splits = None
         if self.backend == "triton":
             from . import triton_decode
             self.num_splits = triton_decode.default_num_splits(shape, q.dtype, q.device, cache_dtype=k_cache.dtype)
         self._layout = _layout(q, k_cache, v_cache, k_scale, v_scale)
+
+    def validate(self) -> None:
+        """The checks of the values (one device sync; none while a CUDA graph is captured): seq_lens, seq_starts, the
+        block ids in use, and split counters all zero."""
+        if self.split_counters is not None:
+            check_split_counters(self.split_counters, self.shape, self.seq_lens.device, check_zero=True)
+        check_decode_values(self.block_tables, self.seq_lens, self.shape, self.seq_starts)
 
     def matches(self, q, k_cache, v_cache, k_scale=None, v_scale=None) -> bool:
         """Whether `run` takes these tensors: laid out as the plan's templates."""
@@ -138,15 +157,14 @@ class DecodePlan:
         if not self.matches(q, k_cache, v_cache, k_scale, v_scale):
             raise ValueError("q, k_cache, v_cache, k_scale and v_scale must have the shapes, strides, dtypes and device "
                              "of the tensors the plan was made with: make a DecodePlan for these")
+        _check_out(q, out)
         return self._launch(q, k_cache, v_cache, scale, k_scale, v_scale, out)
 
     def _launch(self, q, k_cache, v_cache, scale, k_scale, v_scale, out):
+        """Launches into `out` (checked by the caller; None: allocated)."""
         shape = self.shape
         if out is None:
             out = torch.empty_like(q, memory_format=torch.contiguous_format)
-        elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1:
-            raise ValueError(f"out must be a {tuple(q.shape)} {q.dtype} tensor on {q.device} with a contiguous last "
-                             f"dim, got {tuple(out.shape)} {out.dtype} on {out.device}")
         scale = shape.head_dim ** -0.5 if scale is None else float(scale)
         q, block_tables, seq_lens, seq_starts = _unit_stride(q), self.block_tables, self.seq_lens, self.seq_starts
         if self.backend == "torch":
@@ -201,7 +219,10 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, *, scale
     A model's layers share the tables: `DecodePlan` makes these checks once and runs each layer's decode.
     """
     plan = DecodePlan(q, k_cache, v_cache, block_tables, seq_lens, k_scale=k_scale, v_scale=v_scale, backend=backend,
-                      validate=validate, seq_starts=seq_starts, split_counters=split_counters)
+                      validate=False, seq_starts=seq_starts, split_counters=split_counters)
+    _check_out(q, out)      # before the values' device sync: a wrong buffer is the cheaper error to report
+    if validate:
+        plan.validate()
     return plan._launch(q, k_cache, v_cache, scale, k_scale, v_scale, out)
 
 

@@ -99,14 +99,14 @@ def test_ragged_appends_decode_like_dense_attention(backend):
 def test_device_tables_and_lengths_follow_the_host_through_any_operations(ops):
     """After every reserve (leading slots or not, within a block or into new ones), truncate and free, the device's
     block_tables and seq_lens are the host's view: each position's block from the slots reserve returned, zeros past a
-    sequence's blocks. A reserve copies only the table rows that grew."""
+    sequence's blocks (a reserve copies only the table rows that grew: the others must already be right)."""
     cache = make_cache("torch", num_blocks=64, block_size=4, max_batch_size=4)
     blocks = {s: [] for s in range(4)}               # per sequence slot: the block of each position
     for op, seqs, n in ops:
         if op == "reserve":
             try:
                 slots = cache.reserve(seqs, [n] * len(seqs)).tolist()
-            except CacheFullError:                      # all or nothing: the state stays as it was
+            except (CacheFullError, ValueError):        # pool or table full: all or nothing, the state stays
                 slots, seqs = [], []
             for i, seq in enumerate(seqs):
                 blocks[seq] += [slot // 4 for slot in slots[i * n:(i + 1) * n]]
@@ -123,6 +123,23 @@ def test_device_tables_and_lengths_follow_the_host_through_any_operations(ops):
             table = list(dict.fromkeys(blocks[seq]))    # one entry per block, in position order
             assert cache.block_tables[seq].tolist() == table + [0] * (cache.max_blocks_per_seq - len(table))
             assert int(cache.seq_lens[seq]) == len(blocks[seq]) == cache.seq_len(seq)
+
+
+@pytest.mark.parametrize("backend", [b for b in kernel_backends() if b == "triton"])
+def test_reset_zeroes_a_split_counter_an_interrupted_decode_left(backend):
+    """A split Triton decode merges through the pool's counters and leaves them at zero; one left behind (a decode
+    interrupted mid-launch) would make every later split decode merge too early. reset() zeroes them."""
+    cache = make_cache(backend, num_blocks=200, max_blocks_per_seq=200, block_size=4)
+    q = torch.randn(1, 4, 32, device=DEVICE)
+    for step in range(2):
+        slots = cache.reserve([0], [700])
+        k, v = torch.randn(2, 700, 2, 32, device=DEVICE)
+        cache.append(0, k, v, slots)
+        expected = dense_attention_fp64(q.cpu(), [k.cpu()], [v.cpu()], 32 ** -0.5)
+        torch.testing.assert_close(cache.decode(0, q).cpu().double(), expected, rtol=1e-5, atol=1e-5)
+        assert not cache.split_counters.any()
+        cache.split_counters[0, 0] = 1       # what an interrupted launch can leave
+        cache.reset()
 
 
 def test_exhaustion_is_clear_and_loses_nothing():

@@ -167,6 +167,20 @@ def test_decode_plan_refuses_tensors_laid_out_otherwise():
         assert not plan.matches(q, k_cache, p.v_cache)
         with pytest.raises(ValueError, match="make a DecodePlan for these"):
             plan.run(q, k_cache, p.v_cache)
+    with pytest.raises(ValueError, match="make a DecodePlan for these"):
+        plan.run(p.q, p.k_cache, p.v_cache, k_scale=0.5, v_scale=0.5)
+    with pytest.raises(ValueError, match="out must be"):
+        plan.run(p.q, p.k_cache, p.v_cache, out=torch.empty(3, device=DEVICE))
+
+
+def test_a_wrong_out_is_reported_before_the_values_are_read():
+    """`out` is checked with the shapes, before validate's device sync reads seq_lens."""
+    p = make_problem([4, 9], head_dim=32, device=DEVICE)
+    p.seq_lens[0] = 0
+    with pytest.raises(ValueError, match="out must be"):
+        kvkernels.paged_decode_attention(*p.args(), backend="torch", out=torch.empty(3, device=DEVICE))
+    with pytest.raises(ValueError, match="seq_lens must be >= 1"):
+        kvkernels.paged_decode_attention(*p.args(), backend="torch")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

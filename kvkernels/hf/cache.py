@@ -11,8 +11,9 @@ pool. The cache remembers which columns each sequence stored (`columns`), so tha
 Per forward call (a "step"), the patch calls `begin_step` with the step's 2D mask; the cache reserves the new real
 tokens' slots on the host, then each layer's `attend` writes the new K/V with kvkernels.write_kv_cache and attends:
     * one real token per sequence, nothing hidden -> the paged decode kernel over the pages (grouped-query heads read
-      their shared KV head), one launch per layer: a kvkernels.DecodePlan per step settles the checks, the backend
-      and the split count for every layer; under a sliding window the kernel starts each sequence at its first token
+      their shared KV head): a kvkernels.DecodePlan per step settles the checks and the backend for every layer, and
+      for Triton the split count (one launch per layer: a split merges in it; the CUDA backend launches its merge
+      apart); under a sliding window the kernel starts each sequence at its first token
       inside the window and never reads the pages before it;
     * anything else (prompt, continuation, padding, hidden columns) -> gather the sequences' pages and run SDPA with
       a per-query mask: HF's causal, padding and sliding-window mask over the unpadded layout.
@@ -165,7 +166,8 @@ class PagedCache(Cache):
         self.pool = None
         self.seen_tokens = 0
         self.columns = None      # bool [num_seqs, seen_tokens] on the host: the columns each sequence stored
-        self._stored_every_column = True   # no column was ever padding (False may be stale after a crop: only slower)
+        self._stored_every_column = True   # no stored column was padding (False can outlive the padded columns or rows
+                                           # after a crop, beam reorder or selection: only slower, never wrong)
         self.step = None
         self._hf_step_slots = None
 
