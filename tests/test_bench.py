@@ -16,7 +16,7 @@ import matplotlib.image
 import pytest
 import torch
 
-from bench import generate, kernels, plots, seeds, seeds_config
+from bench import generate, kernels, kv_accuracy, plots, seeds, seeds_config
 from bench.models import BURST_GAP_S, build_model, hf_generate, hf_generate_batch, random_prompt, token_gaps_ms
 from kvkernels.tokenizer import packaged_files
 
@@ -72,7 +72,14 @@ def seeds_run(tmp_path_factory):
     return seeds.main(["--quick", "--out", str(out), "--no-progress"]), out
 
 
-@pytest.mark.parametrize("module", [kernels, generate, seeds])
+@pytest.fixture(scope="module")
+def kv_accuracy_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("kv_accuracy")
+    kv_accuracy.main(["--quick", "--out", str(out), "--no-progress"])
+    return json.loads((out / "kv_accuracy.json").read_text()), (out / "kv_accuracy.md").read_text()
+
+
+@pytest.mark.parametrize("module", [kernels, generate, seeds, kv_accuracy])
 def test_help(module, capsys):
     with pytest.raises(SystemExit) as exit_info:
         module.main(["--help"])
@@ -406,3 +413,41 @@ def test_seed_sampler_keeps_its_semantics():
     # top_p below the largest probability keeps only the argmax.
     greedy = seeds.seed_sample(logits, temperature=0.7, top_k=50, top_p=1e-6, repetition_penalty=1.2)
     assert greedy.item() == logits.argmax().item()
+
+
+# -- bench.kv_accuracy ----------------------------------------------------------------------------
+
+def test_kv_accuracy_quick_outputs(kv_accuracy_run):
+    result, text = kv_accuracy_run
+    assert_environment(result["environment"])
+    assert result["quick"] and result["settings"] == kv_accuracy.QUICK
+    assert_smoke_run_labelled(text)
+    tokens = result["settings"]["generated_tokens"]
+    for model in ("trained", "random"):
+        for name in kv_accuracy.CACHE_DTYPES:
+            metrics = result[model][name]
+            assert 0 <= metrics["kl_mean"] <= metrics["kl_max"] < math.inf, (model, name)
+            assert 0 <= metrics["top1_agreement"] <= 1
+            for kind in ("greedy", "sampled"):
+                first, agreed = metrics[f"{kind}_first_divergence"], metrics[f"{kind}_agreement"]
+                assert first / tokens <= agreed <= 1 and (first == tokens) == (agreed == 1), (model, name, kind)
+    rows = [line for line in text.splitlines() if line.startswith(("| trained", "| random"))]
+    assert len(rows) == 2 * len(kv_accuracy.CACHE_DTYPES), text
+
+
+def test_kv_accuracy_agreement_counts_positions_and_the_first_divergence():
+    baseline = torch.tensor([5, 6, 7, 8])
+    assert kv_accuracy.agreement("greedy", torch.tensor([5, 6, 0, 8]), baseline) == \
+        {"greedy_agreement": 0.75, "greedy_first_divergence": 2}
+    assert kv_accuracy.agreement("sampled", baseline.clone(), baseline) == \
+        {"sampled_agreement": 1.0, "sampled_first_divergence": 4}
+
+
+def test_kv_accuracy_sampled_baseline_is_hf_sampling():
+    """The model-dtype cache's sampled text, the baseline of the sampled columns, is HF's own for the same seed."""
+    model = kv_accuracy.random_gpt2()
+    prompt = torch.randint(0, 512, (1, 8), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    expected = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, min_new_tokens=12,
+                              pad_token_id=0, **kv_accuracy.SAMPLING)[0, 8:]
+    assert torch.equal(kv_accuracy.sampled(model, prompt, None, 12), expected)
