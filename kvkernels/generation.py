@@ -308,10 +308,11 @@ def _check_inputs(model, input_ids, attention_mask, max_new_tokens):
     lengths = real.sum(1).tolist()
     from .hf.patch import position_limit
     limit = position_limit(base)                     # a learned position table (GPT-2's n_positions), else None
-    if limit is not None and max(lengths) + max_new_tokens > limit:
+    # The last new token is never fed back, so prompt + max_new_tokens may be limit + 1 tokens (as in HF).
+    if limit is not None and max(lengths) + max_new_tokens - 1 > limit:
         name = attention_shape(base.config).max_positions_name
-        raise ValueError(f"the longest prompt ({max(lengths)} tokens) plus max_new_tokens ({max_new_tokens}) exceeds "
-                         f"the model's {name}={limit}")
+        raise ValueError(f"the longest prompt ({max(lengths)} tokens) plus max_new_tokens ({max_new_tokens}) minus the "
+                         f"last token, which is never fed back, exceeds the model's {name}={limit}")
     return base, lm_head, input_ids, real, lengths
 
 
@@ -386,8 +387,8 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens=None, do_s
             Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM, ...), in eval mode (fp32 / fp16 / bf16).
         input_ids: int64 [B, P], prompts left-padded to a common length.
         attention_mask: [B, P] of 0/1 (padding 0), or None when nothing is padded.
-        max_new_tokens: tokens to generate; the longest prompt plus this must fit in a learned position table
-            (GPT-2's n_positions; rotary models have none).
+        max_new_tokens: tokens to generate; the longest prompt plus this, less the last token (never fed back),
+            must fit in a learned position table (GPT-2's n_positions; rotary models have none).
         do_sample, temperature, top_k, top_p, repetition_penalty: as in HF generate.
         Each of these left None means what it means in `model.generate`: model.generation_config's value, else
         HF's default (greedy; top_k=50 when sampling; 20 new tokens). A generation_config

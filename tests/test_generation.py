@@ -33,6 +33,23 @@ class RecordingStreamer:
         self.ends += 1
 
 
+def test_prompt_plus_new_tokens_may_pass_the_position_table_by_the_one_token_never_fed():
+    """HF generates n_positions + 1 tokens: the last one is sampled, never fed back, so it needs no position."""
+    model = make_model(n_positions=32)
+    ids, mask = padded_batch()                                      # the longest prompt has 9 tokens
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False)
+    assert expected.shape[1] == 33
+    torch.testing.assert_close(kvkernels.generate(model, ids, mask, max_new_tokens=24, backend="torch"), expected,
+                               rtol=0, atol=0)
+    with kvkernels.patched(model, backend="torch"):
+        torch.testing.assert_close(model.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False),
+                                   expected, rtol=0, atol=0)
+        with pytest.raises(ValueError, match="n_positions=32"):
+            model.generate(ids, attention_mask=mask, max_new_tokens=25, do_sample=False)
+    with pytest.raises(ValueError, match="n_positions=32"):
+        kvkernels.generate(model, ids, mask, max_new_tokens=25, backend="torch")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", ["batch1", "left_padded_batch3"])
 def test_greedy_matches_hf_generate(backend, case):
@@ -216,7 +233,7 @@ def test_bad_inputs_give_clear_errors():
     with pytest.raises(ValueError, match="n_positions=128"):
         kvkernels.generate(model, torch.randint(2, 256, (1, 129), device=DEVICE), max_new_tokens=1)
     with pytest.raises(ValueError, match="n_positions=128"):
-        kvkernels.generate(model, ids, mask, max_new_tokens=120)
+        kvkernels.generate(model, ids, mask, max_new_tokens=121)     # 9 + 121 - 1 positions fed
     with pytest.raises(ValueError, match="left-padded"):
         kvkernels.generate(model, ids, mask.flip(1), max_new_tokens=2)
     with pytest.raises(ValueError, match="top_p"):

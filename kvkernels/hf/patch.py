@@ -382,9 +382,9 @@ def _prepare_cache_for_generation(self, generation_config, model_kwargs, generat
     if attention_mask is not None:                       # left padding is not stored, nor given a position
         longest = int(attention_mask.sum(-1).max()) + max_length - attention_mask.shape[-1]
     limit = position_limit(base)
-    if limit is not None and longest > limit:
-        raise ValueError(f"generate would reach {longest} positions (prompt + max_new_tokens) but the model has "
-                         f"{attention_shape(base.config).max_positions_name}={limit}: shorten the prompt or lower "
+    if limit is not None and longest - 1 > limit:        # the last new token is never fed back
+        raise ValueError(f"generate would reach {longest - 1} positions (prompt + max_new_tokens - 1) but the model "
+                         f"has {attention_shape(base.config).max_positions_name}={limit}: shorten the prompt or lower "
                          "max_new_tokens")
     num_seqs = batch_size * max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1)
     planned = num_seqs * blocks_for(longest, state.options.block_size) * state.options.block_size
