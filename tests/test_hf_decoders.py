@@ -175,6 +175,25 @@ def test_models_it_cannot_serve_say_what_is_missing():
             gemma(ids)
 
 
+def test_attention_called_twice_per_layer_is_refused():
+    """DiffLlama's differential attention calls the attention function twice per layer (the same keys, each half of
+    the values): both calls wrote their values into the same slots, the pages kept the second half, and patch and
+    generate gave other tokens than HF, silently."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("diffllama", vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=4, pad_token_id=0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    ids = torch.randint(2, 64, (1, 5))
+    with kvkernels.patched(model, backend="torch"):
+        with pytest.raises(NotImplementedError, match="more than once per forward"):
+            model.generate(ids, max_new_tokens=4, do_sample=False)
+    with pytest.raises(NotImplementedError, match="more than once per forward"):
+        kvkernels.generate(model, ids, max_new_tokens=4, backend="torch")
+    assert not kvkernels.is_patched(model)
+    model.generate(ids, max_new_tokens=4, do_sample=False)          # HF's own attention after the refusals
+
+
 # Decoders whose attention goes through the registry but whose cache holds more than softmax attention's K/V, or
 # whose attention the paged kernels do not mask: generate ran them on the paged cache and silently diverged from HF
 # (MiniMax, GraniteMoeHybrid), or failed deep inside transformers (LFM2), or on a shape check (DeepSeek's MLA: keys

@@ -39,7 +39,7 @@ def active_cache(cache, configs):
     """Within the block, the attention of modules whose config is in `configs` runs on `cache` through
     `paged_attention`. Restores each config's implementation afterwards."""
     originals = {id(config): config._attn_implementation_internal for config in configs}
-    token = _ACTIVE.set((cache, originals))
+    token = _ACTIVE.set((cache, originals, set()))     # the set: layers attended in this forward
     for config in configs:
         config._attn_implementation_internal = PAGED_NAME
     try:
@@ -80,8 +80,14 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
         raise RuntimeError(f"attn_implementation={PAGED_NAME!r} runs only inside a forward that kvkernels.patch(model) "
                            f"serves on its paged cache: load the model with attn_implementation={NAME!r} or call "
                            "kvkernels.patch(model)")
-    cache, originals = active
+    cache, originals, attended = active
     refuse_unsupported(module, kwargs)
+    if module.layer_idx in attended:
+        raise NotImplementedError(f"{type(module).__name__} (layer {module.layer_idx}) calls the attention function "
+                                  "more than once per forward (as DiffLlama's differential attention does); kvkernels "
+                                  "writes a layer's keys and values into its pages as it attends, so it cannot serve "
+                                  "this model: call kvkernels.unpatch(model)")
+    attended.add(module.layer_idx)
     if dropout:
         raise NotImplementedError("kvkernels' paged attention has no attention dropout (the model is in training mode)")
     if kwargs.get("is_causal", getattr(module, "is_causal", True)) is False:
