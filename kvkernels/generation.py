@@ -30,7 +30,7 @@ from transformers.activations import NewGELUActivation
 
 from ._validate import is_quantized, resolve_cache_dtype
 from .cache import PagedKVCache
-from .hf.cache import attention_shape, shared_window
+from .hf.cache import attention_shape, has_sliding_window, shared_window
 from .gpt2_common import attention_scale, blocks_for, check_positive_int, gpt2_parts
 from .ops import BACKENDS, paged_decode_attention, resolve_backend, triton_available
 from .sampling import SamplingParams, generation_settings, hf_penalises_left_padding, process_logits, select_tokens
@@ -305,6 +305,12 @@ def _check_inputs(model, input_ids, attention_mask, max_new_tokens):
         real = attention_mask.to(device).bool()
         if not bool(real[:, -1].all()):
             raise ValueError("attention_mask: prompts must be left-padded (the last column real in every row)")
+        # HF's sliding window counts columns, masked ones too; the decode step's counts stored tokens.
+        if has_sliding_window(base.config) and bool((real[:, 1:] < real[:, :-1]).any()):
+            raise ValueError("attention_mask: a masked column after a prompt's first real token, in a model with "
+                             "sliding-window attention, is not supported by kvkernels.generate (the window would "
+                             "count tokens where HF counts columns): left-pad the prompts, or use kvkernels.patch "
+                             "and model.generate")
     lengths = real.sum(1).tolist()
     from .hf.patch import position_limit
     limit = position_limit(base)                     # a learned position table (GPT-2's n_positions), else None
@@ -386,7 +392,8 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens=None, do_s
         model: GPT2LMHeadModel, or any head model kvkernels.patch serves (LlamaForCausalLM, MistralForCausalLM,
             Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM, ...), in eval mode (fp32 / fp16 / bf16).
         input_ids: int64 [B, P], prompts left-padded to a common length.
-        attention_mask: [B, P] of 0/1 (padding 0), or None when nothing is padded.
+        attention_mask: [B, P] of 0/1 (padding 0), or None when nothing is padded. The last column must be
+            real; a 0 after a row's first real column is refused for models with sliding-window layers.
         max_new_tokens: tokens to generate; the longest prompt plus this, less the last token (never fed back),
             must fit in a learned position table (GPT-2's n_positions; rotary models have none).
         do_sample, temperature, top_k, top_p, repetition_penalty: as in HF generate.

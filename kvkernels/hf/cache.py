@@ -75,6 +75,14 @@ def shared_window(config):
     return int(window)
 
 
+def has_sliding_window(config):
+    """Whether some attention layer of the decoder attends within a sliding window (read as shared_window reads it)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layer_types = getattr(text, "layer_types", None)
+    return getattr(text, "sliding_window", None) is not None and \
+        (layer_types is None or "sliding_attention" in layer_types)
+
+
 class _PagedLayer(CacheLayerMixin):
     """Per-layer view HF's Cache machinery expects; every answer comes from the owning PagedCache."""
 
