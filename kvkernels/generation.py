@@ -219,8 +219,8 @@ def _model_parts(model):
     if _is_gpt2(model):
         return gpt2_parts(model)
     from .hf.patch import decoder_parts
-    base, _ = decoder_parts(model)
-    return base, (model.get_output_embeddings() if model is not base else None)
+    base, head = decoder_parts(model)
+    return base, (head.get_output_embeddings() if head is not None else None)
 
 
 def _norm(layer_norm):

@@ -106,8 +106,25 @@ def position_limit(base):
     return limit if any(table.num_embeddings >= limit for table in tables) else None
 
 
+def decoder_stack(model):
+    """The module whose forward runs `model`'s decoder layers, the one patch hooks: the base model, or the only
+    PreTrainedModel under it when that one holds the token embedding and takes the cache (OPTModel.decoder, which
+    OPTForCausalLM calls directly, past OPTModel.forward). Multimodal base models hold several and stay."""
+    base = model.base_model
+    try:
+        embeddings = base.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return base
+    inner = [m for m in base.children() if isinstance(m, PreTrainedModel)]
+    if len(inner) == 1 and any(m is embeddings for m in inner[0].modules()) \
+            and any(name in inspect.signature(type(inner[0]).forward).parameters for name in _CACHE_ARGS):
+        return inner[0]
+    return base
+
+
 def decoder_parts(model):
-    """(base decoder model, head model or None) of `model`, or a TypeError naming what kvkernels cannot serve."""
+    """(decoder stack, see decoder_stack; head model or None) of `model`, or a TypeError naming what kvkernels cannot
+    serve."""
     if not isinstance(model, PreTrainedModel):
         raise TypeError(f"model must be a Hugging Face decoder-only model (GPT-2, Llama, Mistral, Qwen2, Qwen3, Phi3, "
                         f"...), got {type(model).__name__}")
@@ -135,7 +152,7 @@ def decoder_parts(model):
     if (key_dim, value_dim) != (head_dim, head_dim):
         raise TypeError(f"{name}'s keys are {key_dim} wide and its values {value_dim} (multi-head latent attention), "
                         f"where kvkernels' pages hold head_dim={head_dim} for both")
-    return base, (model if model is not base else None)
+    return decoder_stack(model), (model if model is not base else None)
 
 
 def _default_cache_fits(model_class) -> bool:
@@ -198,7 +215,7 @@ def unpatch(model):
             obj.__dict__.pop(name, None)
         else:
             obj.__dict__[name] = previous
-    del model.base_model.__dict__[_STATE]
+    del decoder_stack(model).__dict__[_STATE]
     return model
 
 
@@ -224,7 +241,7 @@ def patched(model, **options):
 
 def _state(model):
     # None for anything unpatched, a model patch refuses included
-    return model.base_model.__dict__.get(_STATE) if isinstance(model, PreTrainedModel) else None
+    return decoder_stack(model).__dict__.get(_STATE) if isinstance(model, PreTrainedModel) else None
 
 
 # -- the hooks ---------------------------------------------------------------------------------
@@ -367,7 +384,7 @@ def _generation_fallback_reason(model, base, generation_config, model_kwargs, ge
 def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
                                   max_cache_length, *args, **kwargs):
     original = type(self)._prepare_cache_for_generation.__get__(self)
-    base = self.base_model
+    base = decoder_stack(self)
     state = base.__dict__[_STATE]
     cache_name = _parameters(type(base).forward)[1]
     reason = _generation_fallback_reason(self, base, generation_config, model_kwargs, generation_mode)
