@@ -175,6 +175,30 @@ def test_models_it_cannot_serve_say_what_is_missing():
             gemma(ids)
 
 
+def test_a_head_that_calls_the_decoder_stack_past_its_base_model_is_served(monkeypatch):
+    """OPTForCausalLM calls OPTModel.decoder directly, past OPTModel.forward, where patch hooked: generate got a
+    PagedCache, but no forward was served and every layer ran HF's attention on the cache's fallback, silently."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    model = OPTForCausalLM(OPTConfig(vocab_size=256, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
+                                     num_attention_heads=4, word_embed_proj_dim=64, max_position_embeddings=256,
+                                     pad_token_id=0)).to(DEVICE).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8)         # tied to the embeddings: sharpened logits, greedy far from ties
+    ids, mask = padded_batch()
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    recorder = Recorder(monkeypatch)
+    with kvkernels.patched(model, backend="torch"):
+        assert kvkernels.is_patched(model) and kvkernels.is_patched(model.model)
+        torch.testing.assert_close(model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False),
+                                   expected, rtol=0, atol=0)
+    assert len(recorder.windows) == 2 * 8                             # 2 layers x (prefill + 7 decode steps)
+    assert not kvkernels.is_patched(model) and "forward" not in model.model.decoder.__dict__
+    got = kvkernels.generate(model, ids, mask, max_new_tokens=8, do_sample=False, backend="torch")
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
 def test_attention_called_twice_per_layer_is_refused():
     """DiffLlama's differential attention calls the attention function twice per layer (the same keys, each half of
     the values): both calls wrote their values into the same slots, the pages kept the second half, and patch and
@@ -201,10 +225,11 @@ def test_attention_called_twice_per_layer_is_refused():
 # HF with a misleading warning) and refused by generate for a wrong reason.
 CANNOT_SERVE = {
     "minimax": (dict(head_dim=16, num_local_experts=2, num_experts_per_tok=1), "cache of its own"),
+    # transformers 5.25 lists their recurrent layers as linear_attention in config.layer_types
     "recurrent_gemma": (dict(head_dim=16, block_types=["recurrent", "attention"], attention_window_size=8),
-                        "recurrent state"),
+                        "recurrent state|linear_attention layers"),
     "granitemoehybrid": (dict(head_dim=16, layer_types=["attention", "mamba"], mamba_d_state=8, mamba_n_heads=4,
-                              mamba_d_head=32), "recurrent state"),
+                              mamba_d_head=32), "recurrent state|linear_attention layers"),
     "lfm2": (dict(head_dim=16, layer_types=["full_attention", "conv"]), "conv layers"),
     "llama4_text": (dict(head_dim=16, num_local_experts=2, num_experts_per_tok=1, intermediate_size_mlp=64,
                          attention_chunk_size=8, no_rope_layers=[1, 0]), "chunked_attention layers"),
