@@ -261,11 +261,15 @@ def _dot_fp32(dtype) -> bool:
     return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _gemm_blocks(M, N, K, dtype):
+def _gemm_blocks(M, N, K, dtype, interpreted=False):
     """(BLOCK_M, BLOCK_K, BLOCK_N): 16 rows is tl.dot's minimum; narrow column tiles give a launch enough programs
-    to stream the weight from many SMs at batch 1 (c_proj has only 768 columns)."""
+    to stream the weight from many SMs at batch 1 (c_proj has only 768 columns). Triton's interpreter runs the
+    programs one after another, so there (`interpreted`) a launch gets at most about 16 column tiles: GPT-2's
+    50257-column lm_head 13 programs, not 786 (seconds per token on a CPU)."""
     block_m = 16 if M <= 16 else 32
     block_n = 32 if N <= 4096 else 64
+    if interpreted:
+        block_n = max(block_n, triton.next_power_of_2(triton.cdiv(N, 16)))
     block_k = min(128 if dtype != torch.float32 else 64, triton.next_power_of_2(K))
     return block_m, block_k, block_n
 
@@ -273,7 +277,7 @@ def _gemm_blocks(M, N, K, dtype):
 def _gemm_plan(M, N, K, dtype, device):
     """Blocks, grid (column tiles, row tiles, splits), k_chunk, and the split-K partials and counters it needs
     (none unsplit) of a skinny GEMM."""
-    block_m, block_k, block_n = _gemm_blocks(M, N, K, dtype)
+    block_m, block_k, block_n = _gemm_blocks(M, N, K, dtype, interpreted=device.type == "cpu")
     tiles_n, tiles_m = triton.cdiv(N, block_n), triton.cdiv(M, block_m)
     splits, k_chunk = split_k(tiles_n * tiles_m, K, block_k, num_sms(device))
     if splits == 1:
