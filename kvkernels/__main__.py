@@ -333,8 +333,8 @@ def report(results, batch, new_tokens, sampled) -> str:
             same = f"NO (first difference at new token {first_difference(r.tokens, reference.tokens)})"
         lines.append(f"{r.name:<36} {spread:>27} {ms:>9.2f}  {same}")
     warm = ", ".join(f"{r.name} {r.warmup_s:.2f} s" for r in results if r.warmup_s is not None)
-    lines.append(f"\nwarm-up runs, not in the numbers above (Triton compiles, pool setup and CUDA-graph capture "
-                 f"land there): {warm}")
+    lines.append(f"\nwarm-up runs, not in the numbers above (Triton compiles, pool setup and, on a GPU, "
+                 f"CUDA-graph capture land there): {warm}")
     return "\n".join(lines)
 
 

@@ -264,12 +264,12 @@ def _dot_fp32(dtype) -> bool:
 def _gemm_blocks(M, N, K, dtype, interpreted=False):
     """(BLOCK_M, BLOCK_K, BLOCK_N): 16 rows is tl.dot's minimum; narrow column tiles give a launch enough programs
     to stream the weight from many SMs at batch 1 (c_proj has only 768 columns). Triton's interpreter runs the
-    programs one after another, so there (`interpreted`) a launch gets at most about 16 column tiles: GPT-2's
-    50257-column lm_head 13 programs, not 786 (seconds per token on a CPU)."""
+    programs one after another at a cost per program, so there (`interpreted`) a launch gets at most 4 column
+    tiles: GPT-2's 50257-column lm_head ran 786 programs a token, over a second on a CPU."""
     block_m = 16 if M <= 16 else 32
     block_n = 32 if N <= 4096 else 64
     if interpreted:
-        block_n = max(block_n, triton.next_power_of_2(triton.cdiv(N, 16)))
+        block_n = max(block_n, triton.next_power_of_2(triton.cdiv(N, 4)))
     block_k = min(128 if dtype != torch.float32 else 64, triton.next_power_of_2(K))
     return block_m, block_k, block_n
 

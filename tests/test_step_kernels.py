@@ -168,12 +168,12 @@ def test_split_k_gemms_match_reference_run_to_run_identical(monkeypatch, sms, dt
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_a_vocabulary_wide_gemm_matches_reference(dtype):
-    """An lm_head's many columns (past 4096: 64-column tiles on a GPU, ~N/16-column tiles in the interpreter, where
+    """An lm_head's many columns (past 4096: 64-column tiles on a GPU, N/4-column tiles in the interpreter, where
     GPT-2's 50257 columns took 786 programs a token), its last tile partial; logits in float32."""
     g = torch.Generator().manual_seed(0)
     K, N = 64, 5000
     if DEVICE.type == "cpu":
-        assert triton_step._gemm_plan(1, 50257, 768, dtype, DEVICE)[1][0] <= 16
+        assert triton_step._gemm_plan(1, 50257, 768, dtype, DEVICE)[1][0] <= 4
     x = randn(1, K, dtype=dtype, generator=g)
     weight = randn(K, N, dtype=dtype, generator=g, scale=K ** -0.5)
     layer_norm = (randn(K, dtype=dtype, generator=g), randn(K, dtype=dtype, generator=g), 1e-5)
