@@ -17,7 +17,7 @@ import torch
 
 from ._validate import is_quantized, resolve_cache_dtype
 from .gpt2_common import check_positive_int
-from .ops import paged_decode_attention, write_kv_cache
+from .ops import BACKENDS, paged_decode_attention, write_kv_cache
 
 
 # The dtypes the decode kernels compute in (fp32 accumulation).
@@ -110,8 +110,12 @@ class PagedKVCache:
             raise ValueError("give exactly one of num_blocks, max_tokens, memory_bytes")
         for name, value in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
                             ("max_batch_size", max_batch_size), ("block_size", block_size)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            check_positive_int(name, value)
+        for name, value in (("num_blocks", num_blocks), ("max_tokens", max_tokens), ("memory_bytes", memory_bytes),
+                            ("max_blocks_per_seq", max_blocks_per_seq)):
+            check_positive_int(name, value, allow_none=True)
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if dtype not in DTYPES:
             raise TypeError(f"dtype must be one of {', '.join(map(str, DTYPES))} (what the kernels compute in), "
                             f"got {dtype!r}")
@@ -132,7 +136,7 @@ class PagedKVCache:
                 raise ValueError(f"memory_bytes={memory_bytes} holds no block of {self.bytes_per_token * block_size} B")
         self.allocator = BlockAllocator(num_blocks)
         self.num_blocks = num_blocks
-        self.max_blocks_per_seq = max_blocks_per_seq or num_blocks
+        self.max_blocks_per_seq = num_blocks if max_blocks_per_seq is None else max_blocks_per_seq
         pool_shape = (num_blocks, block_size, num_kv_heads, head_dim)
         self.k_pools = [torch.empty(pool_shape, dtype=self.cache_dtype, device=self.device)
                         for _ in range(num_layers)]
@@ -256,6 +260,9 @@ class PagedKVCache:
     def truncate(self, seqs, lens) -> None:
         """Shortens sequence slot seqs[i] to its first lens[i] tokens; whole blocks past them go back to the pool."""
         seqs, lens = list(seqs), list(lens)
+        if len(seqs) != len(lens) or len(set(seqs)) != len(seqs):
+            raise ValueError("seqs must be distinct and match lens one to one")
+        self._check_slots(seqs, "seqs")
         for seq, n in zip(seqs, lens):
             if not 0 <= n <= self._lens[seq]:
                 raise ValueError(f"cannot truncate sequence {seq} of {self._lens[seq]} tokens to {n}")
@@ -324,6 +331,9 @@ class PagedKVCache:
         leaves at zero: decodes of one pool must not overlap in time (another stream or thread, two CUDA graphs
         replayed at once). `reset()` zeroes them."""
         self._check_layer(layer)
+        if not isinstance(q, torch.Tensor) or q.dim() != 3:
+            raise ValueError(f"q must be a tensor [batch, num_heads, head_dim], got "
+                             f"{tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__}")
         seqs = list(range(q.shape[0])) if seqs is None else list(seqs)
         self._check_slots(seqs, "seqs")
         if len(seqs) != q.shape[0]:

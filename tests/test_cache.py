@@ -222,9 +222,27 @@ def test_misuse_is_refused_at_the_call_that_is_wrong():
             cache.decode(0, q, seqs)
     with pytest.raises(ValueError, match="freed once"):
         cache.free([0, 0])
+    for seqs, lens in (([-1], [0]), ([9], [0])):   # -1 freed the last slot's blocks on the host, then failed
+        with pytest.raises(ValueError, match=rf"seqs: sequence slot {seqs[0]} is outside"):
+            cache.truncate(seqs, lens)
+    with pytest.raises(ValueError, match="match lens one to one"):
+        cache.truncate([0, 1], [1])                   # slot 1 was silently left out
+    with pytest.raises(ValueError, match=r"q must be a tensor \[batch, num_heads, head_dim\]"):
+        cache.decode(1, q[0])                         # blamed seqs for q's rows
     # Nothing was changed by the refused calls.
     assert cache.seq_len(0) == 3 and cache.allocator.num_in_use == 1
     torch.testing.assert_close(cache.decode(1, q), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name, value", [("max_tokens", 0), ("num_blocks", 2.5), ("num_blocks", True),
+                                         ("memory_bytes", -1), ("max_blocks_per_seq", -2), ("max_blocks_per_seq", 0),
+                                         ("backend", "foo")])
+def test_bad_sizes_and_backends_are_refused_at_construction_by_name(name, value):
+    """max_tokens=0 was reported as num_blocks, 2.5 blocks failed in torch, max_blocks_per_seq=0 silently meant the
+    whole pool, and an unknown backend was taken until the first append."""
+    sizes = {"num_blocks": 8} if name in ("max_blocks_per_seq", "backend") else {}
+    with pytest.raises(ValueError, match=name):
+        PagedKVCache(1, 2, 32, max_batch_size=2, block_size=4, dtype=torch.float32, **sizes, **{name: value})
 
 
 @pytest.mark.parametrize("dtype", [torch.int8, torch.int32, torch.float64, "float16"])
