@@ -277,6 +277,8 @@ def _capture(runner: _Runner, state: _DecodeState, warm_up_steps: int):
 def _token_ids(value, name):
     if value is None:
         return []
+    if isinstance(value, torch.Tensor):             # as HF's generate takes them too
+        value = value.tolist()
     values = [value] if isinstance(value, int) else list(value)
     if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
         raise ValueError(f"{name} must be a token id or a list of token ids, got {value!r}")
@@ -427,8 +429,8 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens=None, do_s
                                     temperature=temperature, top_k=top_k, top_p=top_p,
                                     repetition_penalty=repetition_penalty)
     max_new_tokens = settings["max_new_tokens"]
-    params = SamplingParams(settings["do_sample"], float(settings["temperature"]), settings["top_k"],
-                            float(settings["top_p"]), float(settings["repetition_penalty"]))
+    params = SamplingParams(settings["do_sample"], settings["temperature"], settings["top_k"], settings["top_p"],
+                            settings["repetition_penalty"])
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     check_positive_int("block_size", block_size)
@@ -436,9 +438,11 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens=None, do_s
     gen_config = getattr(model, "generation_config", None)
     eos = _token_ids(getattr(gen_config, "eos_token_id", None) if eos_token_id is None else eos_token_id,
                      "eos_token_id")
-    if pad_token_id is None:
-        pad_token_id = getattr(gen_config, "pad_token_id", None)
-    pad_token_id = (eos[0] if eos else 0) if pad_token_id is None else pad_token_id
+    pads = _token_ids(getattr(gen_config, "pad_token_id", None) if pad_token_id is None else pad_token_id,
+                      "pad_token_id")
+    if len(pads) > 1:
+        raise ValueError(f"pad_token_id must be one token id, got {pad_token_id!r}")
+    pad_token_id = pads[0] if pads else (eos[0] if eos else 0)
     device = input_ids.device
     cache_dtype = resolve_cache_dtype(cache_dtype)
     session = _session(model, base, lm_head, params, lengths, max_new_tokens, eos, pad_token_id,

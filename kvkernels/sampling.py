@@ -8,6 +8,7 @@ on every replay). `generation_settings` resolves unset arguments the way model.g
 """
 import functools
 import inspect
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -81,14 +82,21 @@ class SamplingParams:
     def __post_init__(self):
         if not isinstance(self.do_sample, bool):
             raise TypeError(f"do_sample must be a bool, got {self.do_sample!r}")
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError(f"{name} must be a number, got {value!r}")
+            object.__setattr__(self, name, float(value))
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0 (1 disables it), got {self.repetition_penalty!r}")
+        if not self.do_sample:   # greedy ignores the sampling settings, as HF's generate does (it warns)
+            return
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"top_k must be an int >= 0 (0 disables it), got {self.top_k!r}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1] (1 disables it), got {self.top_p!r}")
-        if not self.repetition_penalty > 0:
-            raise ValueError(f"repetition_penalty must be > 0 (1 disables it), got {self.repetition_penalty!r}")
 
     @property
     def uses_penalty(self) -> bool:

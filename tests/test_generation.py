@@ -33,6 +33,19 @@ class RecordingStreamer:
         self.ends += 1
 
 
+def test_greedy_ignores_sampling_settings_and_takes_tensor_token_ids_as_hf_does():
+    """HF's greedy generate ignores temperature=0 or top_p=0 (it warns) and takes EOS / pad ids as tensors; both
+    raised."""
+    model = make_model()
+    ids, mask = padded_batch()
+    eos = int(model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)[0, -2])  # stops row 0
+    settings = dict(max_new_tokens=6, do_sample=False, temperature=0.0, top_p=0.0)
+    expected = model.generate(ids, attention_mask=mask, eos_token_id=eos, pad_token_id=0, **settings)
+    got = kvkernels.generate(model, ids, mask, eos_token_id=torch.tensor(eos), pad_token_id=torch.tensor(0),
+                             backend="torch", **settings)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
 def test_prompt_plus_new_tokens_may_pass_the_position_table_by_the_one_token_never_fed():
     """HF generates n_positions + 1 tokens: the last one is sampled, never fed back, so it needs no position."""
     model = make_model(n_positions=32)
@@ -240,6 +253,8 @@ def test_bad_inputs_give_clear_errors():
         kvkernels.generate(model, ids, mask, max_new_tokens=2, do_sample=True, top_p=0.0)
     with pytest.raises(ValueError, match="temperature"):
         kvkernels.generate(model, ids, mask, max_new_tokens=2, do_sample=True, temperature=0)
+    with pytest.raises(TypeError, match="temperature must be a number"):
+        kvkernels.generate(model, ids, mask, max_new_tokens=2, do_sample=True, temperature="hot")
     with pytest.raises(ValueError, match="backend"):
         kvkernels.generate(model, ids, mask, max_new_tokens=2, backend="tpu")
     model.train()
