@@ -109,6 +109,13 @@ def parse_args(argv=None):
     for name in ("temperature", "top_k", "top_p"):
         if getattr(args, name) is not None and not args.do_sample:
             parser.error(f"--{name.replace('_', '-')} needs --do-sample (greedy decoding ignores it)")
+    for flag, value, valid, wanted in (
+            ("--temperature", args.temperature, lambda t: t > 0, "> 0"),
+            ("--top-k", args.top_k, lambda k: k >= 0, ">= 0 (0: off)"),
+            ("--top-p", args.top_p, lambda p: 0 < p <= 1, "in (0, 1] (1: off)"),
+            ("--repetition-penalty", args.repetition_penalty, lambda r: r > 0, "> 0 (1: off)")):
+        if value is not None and not valid(value):      # NaN fails every comparison
+            parser.error(f"{flag} must be {wanted}, got {value}")
     return args
 
 
@@ -371,10 +378,11 @@ def main(argv=None):
     repeats = args.repeats or defaults["repeats"]
     model, random_weights = load_model(args, device, dtype)
     prompt, tokenizer, tokenizer_line = load_prompt(args, model.config.vocab_size)
-    if len(prompt) + new_tokens > model.config.max_position_embeddings:
-        name = "n_positions" if model.config.model_type == "gpt2" else "max_position_embeddings"
-        fail(f"prompt ({len(prompt)} tokens) + --max-new-tokens ({new_tokens}) exceeds the model's "
-             f"{name}={model.config.max_position_embeddings}")
+    from kvkernels.hf.patch import position_limit
+    limit = position_limit(model.base_model)     # GPT-2's learned positions; rotary models run past their maximum
+    if limit is not None and len(prompt) + new_tokens - 1 > limit:                # the last token is never fed back
+        fail(f"prompt ({len(prompt)} tokens) + --max-new-tokens ({new_tokens}) - 1 exceeds the model's "
+             f"n_positions={limit}")
     decoding = sampling_kwargs(args)
     decoding_line = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in decoding.items() if k != "do_sample") \
         if args.do_sample else "greedy" + (f", repetition penalty {args.repetition_penalty}"

@@ -91,6 +91,17 @@ def test_rotary_grouped_query_families_agree(model_type, heads, capsys):
         assert table[name].rstrip().endswith("yes"), table[name]
 
 
+def test_rotary_models_generate_past_max_position_embeddings(capsys, monkeypatch):
+    """As HF does (and the README says): the demo refused them as if their positions were a learned table."""
+    cpu_shape, gpu_shape = demo.MODEL_SHAPES["llama"]
+    monkeypatch.setitem(demo.MODEL_SHAPES, "llama", (dict(cpu_shape, max_position_embeddings=12), gpu_shape))
+    assert demo.main(["--device", "cpu", "--model-type", "llama", "--max-new-tokens", "8", "--repeats", "1",
+                      "--skip-no-cache", "--backend", "torch"]) == 0                  # a 9-token prompt + 8 > 12
+    table = rows(capsys.readouterr().out)
+    for name in METHODS[2:]:
+        assert table[name].rstrip().endswith("yes"), table[name]
+
+
 @needs_gpt2_bpe
 def test_prompt_and_continuation_are_text(capsys):
     assert demo.main(["--device", "cpu", "--max-new-tokens", "4", "--repeats", "1", "--skip-no-cache",
@@ -192,6 +203,17 @@ def test_bad_flags_are_rejected(capsys):
     assert exit_info.value.code == 2 and "--temperature needs --do-sample" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         demo.main(["--dtype", "int8"])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--temperature", "0"], "--temperature must be > 0"), (["--temperature", "nan"], "--temperature must be > 0"),
+    (["--top-k", "-1"], "--top-k must be >= 0"), (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
+    (["--top-p", "0"], "--top-p must be in (0, 1]"), (["--repetition-penalty", "0"], "--repetition-penalty must be > 0")])
+def test_bad_sampling_values_are_refused_before_any_model_runs(flags, message, capsys):
+    """They ran every method and printed failed rows (HF's messages; --top-p 1.5 HF ignored, so only one row failed)."""
+    with pytest.raises(SystemExit) as exit_info:
+        demo.main(["--do-sample", *flags])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
 # -- kvkernels.tokenizer -----------------------------------------------------------------------------
