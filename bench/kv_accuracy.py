@@ -1,6 +1,6 @@
 """Accuracy of fp8 / int8 paged KV against fp16 pages, measured on the CPU.
 
-    python -m bench.kv_accuracy            # ~25 minutes on 2 CPU cores; bench/results/kv_accuracy.{json,md}
+    python -m bench.kv_accuracy            # ~30 minutes on 2 CPU cores; bench/results/kv_accuracy.{json,md}
     python -m bench.kv_accuracy --quick    # a smoke run in under a minute (a temp folder, not bench/results)
 
 1. Attention output relative error (Frobenius) of the reference decode over random pages (Gaussian K/V, and
