@@ -264,7 +264,7 @@ class PagedKVCache:
             raise ValueError("seqs must be distinct and match lens one to one")
         self._check_slots(seqs, "seqs")
         for seq, n in zip(seqs, lens):
-            if not 0 <= n <= self._lens[seq]:
+            if isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 0 <= n <= self._lens[seq]:
                 raise ValueError(f"cannot truncate sequence {seq} of {self._lens[seq]} tokens to {n}")
         for seq, n in zip(seqs, lens):
             keep = -(-n // self.block_size)

@@ -30,7 +30,7 @@ from transformers.activations import NewGELUActivation
 
 from ._validate import is_quantized, resolve_cache_dtype
 from .cache import PagedKVCache
-from .hf.cache import attention_shape, has_sliding_window, shared_window
+from .hf.cache import any_window, attention_shape, shared_window
 from .gpt2_common import attention_scale, blocks_for, check_positive_int, gpt2_parts
 from .ops import BACKENDS, paged_decode_attention, resolve_backend, triton_available
 from .sampling import SamplingParams, generation_settings, hf_penalises_left_padding, process_logits, select_tokens
@@ -307,12 +307,15 @@ def _check_inputs(model, input_ids, attention_mask, max_new_tokens):
         real = attention_mask.to(device).bool()
         if not bool(real[:, -1].all()):
             raise ValueError("attention_mask: prompts must be left-padded (the last column real in every row)")
-        # HF's sliding window counts columns, masked ones too; the decode step's counts stored tokens.
-        if has_sliding_window(base.config) and bool((real[:, 1:] < real[:, :-1]).any()):
-            raise ValueError("attention_mask: a masked column after a prompt's first real token, in a model with "
-                             "sliding-window attention, is not supported by kvkernels.generate (the window would "
-                             "count tokens where HF counts columns): left-pad the prompts, or use kvkernels.patch "
-                             "and model.generate")
+        # HF's sliding window counts columns, masked ones too; the decode step's counts stored tokens. The two differ
+        # only where the window binds: within the columns fed (the prompt's and all but the last new token's).
+        window = any_window(base.config)
+        if window is not None and input_ids.shape[1] + max_new_tokens - 1 > window \
+                and bool((real[:, 1:] < real[:, :-1]).any()):
+            raise ValueError(f"attention_mask: a masked column after a prompt's first real token, in a model whose "
+                             f"sliding window ({window}) is shorter than the prompt plus max_new_tokens, is not "
+                             "supported by kvkernels.generate (the window would count tokens where HF counts "
+                             "columns): left-pad the prompts, or use kvkernels.patch and model.generate")
     lengths = real.sum(1).tolist()
     from .hf.patch import position_limit
     limit = position_limit(base)                     # a learned position table (GPT-2's n_positions), else None
@@ -395,7 +398,8 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens=None, do_s
             Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM, ...), in eval mode (fp32 / fp16 / bf16).
         input_ids: int64 [B, P], prompts left-padded to a common length.
         attention_mask: [B, P] of 0/1 (padding 0), or None when nothing is padded. The last column must be
-            real; a 0 after a row's first real column is refused for models with sliding-window layers.
+            real; a 0 after a row's first real column is refused where a sliding window is shorter than
+            P + max_new_tokens - 1.
         max_new_tokens: tokens to generate; the longest prompt plus this, less the last token (never fed back),
             must fit in a learned position table (GPT-2's n_positions; rotary models have none).
         do_sample, temperature, top_k, top_p, repetition_penalty: as in HF generate.
@@ -438,11 +442,11 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens=None, do_s
     gen_config = getattr(model, "generation_config", None)
     eos = _token_ids(getattr(gen_config, "eos_token_id", None) if eos_token_id is None else eos_token_id,
                      "eos_token_id")
-    pads = _token_ids(getattr(gen_config, "pad_token_id", None) if pad_token_id is None else pad_token_id,
-                      "pad_token_id")
-    if len(pads) > 1:
+    pad = getattr(gen_config, "pad_token_id", None) if pad_token_id is None else pad_token_id
+    pad = pad.tolist() if isinstance(pad, torch.Tensor) else pad
+    if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int)):   # any int: some configs pad with -1
         raise ValueError(f"pad_token_id must be one token id, got {pad_token_id!r}")
-    pad_token_id = pads[0] if pads else (eos[0] if eos else 0)
+    pad_token_id = (eos[0] if eos else 0) if pad is None else pad
     device = input_ids.device
     cache_dtype = resolve_cache_dtype(cache_dtype)
     session = _session(model, base, lm_head, params, lengths, max_new_tokens, eos, pad_token_id,

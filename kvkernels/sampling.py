@@ -89,7 +89,9 @@ class SamplingParams:
             object.__setattr__(self, name, float(value))
         if not self.repetition_penalty > 0:
             raise ValueError(f"repetition_penalty must be > 0 (1 disables it), got {self.repetition_penalty!r}")
-        if not self.do_sample:   # greedy ignores the sampling settings, as HF's generate does (it warns)
+        if not self.do_sample:   # greedy ignores the sampling settings, as HF's generate does (it warns): one
+            for name in ("temperature", "top_k", "top_p"):     # greedy session (and graph) whatever they say
+                object.__setattr__(self, name, type(self).__dataclass_fields__[name].default)
             return
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature!r}")

@@ -227,6 +227,9 @@ def test_misuse_is_refused_at_the_call_that_is_wrong():
             cache.truncate(seqs, lens)
     with pytest.raises(ValueError, match="match lens one to one"):
         cache.truncate([0, 1], [1])                   # slot 1 was silently left out
+    for length in (2.5, True):                        # 2.5 cut slot 0's pages before failing; True was stored
+        with pytest.raises(ValueError, match="cannot truncate sequence 0"):
+            cache.truncate([0], [length])
     with pytest.raises(ValueError, match=r"q must be a tensor \[batch, num_heads, head_dim\]"):
         cache.decode(1, q[0])                         # blamed seqs for q's rows
     # Nothing was changed by the refused calls.

@@ -44,6 +44,11 @@ def test_greedy_ignores_sampling_settings_and_takes_tensor_token_ids_as_hf_does(
     got = kvkernels.generate(model, ids, mask, eos_token_id=torch.tensor(eos), pad_token_id=torch.tensor(0),
                              backend="torch", **settings)
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    # Some configs pad with -1; HF takes it (and feeds it to the embedding only after an EOS).
+    expected = model.generate(ids, attention_mask=mask, eos_token_id=None, pad_token_id=-1, **settings)
+    got = kvkernels.generate(model, ids, mask, eos_token_id=[], pad_token_id=-1, backend="torch", **settings)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert SamplingParams(do_sample=False, temperature=0.7, top_p=0.5) == SamplingParams()   # one greedy session
 
 
 def test_prompt_plus_new_tokens_may_pass_the_position_table_by_the_one_token_never_fed():

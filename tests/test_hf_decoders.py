@@ -309,8 +309,8 @@ def test_kvkernels_generate_matches_hf(family):
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
 def test_kvkernels_generate_on_masks_with_masked_columns_inside_a_prompt(family):
     """A 0 after a prompt's first real column: HF's sliding window counts columns, masked ones too, where the decode
-    step counted stored tokens, so Mistral's and Qwen2's windows (6 columns) took other tokens than HF's: refused.
-    Without a window (Llama) masked columns are exact."""
+    step counted stored tokens, so Mistral's and Qwen2's windows (6 columns) took other tokens than HF's: refused
+    where the window binds. Without a window (Llama), or one the columns never fill, masked columns are exact."""
     model = make_decoder(family)
     ids, mask = padded_batch()
     mask[0, 2:5] = 0                                                # three masked columns inside an 11-token prompt
@@ -319,8 +319,13 @@ def test_kvkernels_generate_on_masks_with_masked_columns_inside_a_prompt(family)
         got = kvkernels.generate(model, ids, mask, max_new_tokens=12, do_sample=False, backend="torch")
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
     else:
-        with pytest.raises(ValueError, match="sliding-window"):
+        with pytest.raises(ValueError, match="sliding window"):
             kvkernels.generate(model, ids, mask, max_new_tokens=12, do_sample=False, backend="torch")
+        # A window the 11 prompt columns and 5 new tokens never fill does not bind: exact.
+        model = make_decoder(family, sliding_window=16)
+        expected = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+        got = kvkernels.generate(model, ids, mask, max_new_tokens=6, do_sample=False, backend="torch")
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "gpt2"])

@@ -82,17 +82,17 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
                            "kvkernels.patch(model)")
     cache, originals, attended = active
     refuse_unsupported(module, kwargs)
+    if dropout:
+        raise NotImplementedError("kvkernels' paged attention has no attention dropout (the model is in training mode)")
+    if kwargs.get("is_causal", getattr(module, "is_causal", True)) is False:
+        raise NotImplementedError(f"kvkernels' paged attention is causal; {type(module).__name__} asks for "
+                                  "bidirectional attention")
     if module.layer_idx in attended:
         raise NotImplementedError(f"{type(module).__name__} (layer {module.layer_idx}) calls the attention function "
                                   "more than once per forward (as DiffLlama's differential attention does); kvkernels "
                                   "writes a layer's keys and values into its pages as it attends, so it cannot serve "
                                   "this model: call kvkernels.unpatch(model)")
     attended.add(module.layer_idx)
-    if dropout:
-        raise NotImplementedError("kvkernels' paged attention has no attention dropout (the model is in training mode)")
-    if kwargs.get("is_causal", getattr(module, "is_causal", True)) is False:
-        raise NotImplementedError(f"kvkernels' paged attention is causal; {type(module).__name__} asks for "
-                                  "bidirectional attention")
     scale = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
     # GPT-2's reorder_and_upcast_attn runs its softmax in fp32 on HF's eager path only.
     upcast = bool(getattr(module, "reorder_and_upcast_attn", False)) and originals.get(id(module.config)) == "eager"

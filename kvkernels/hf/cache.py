@@ -75,12 +75,15 @@ def shared_window(config):
     return int(window)
 
 
-def has_sliding_window(config):
-    """Whether some attention layer of the decoder attends within a sliding window (read as shared_window reads it)."""
+def any_window(config):
+    """The sliding window (in tokens) some attention layer of the decoder attends within, or None when every layer
+    sees the whole context (read as shared_window reads it)."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    window = getattr(text, "sliding_window", None)
     layer_types = getattr(text, "layer_types", None)
-    return getattr(text, "sliding_window", None) is not None and \
-        (layer_types is None or "sliding_attention" in layer_types)
+    if window is None or (layer_types is not None and "sliding_attention" not in layer_types):
+        return None
+    return int(window)
 
 
 class _PagedLayer(CacheLayerMixin):

@@ -3,10 +3,11 @@
 One path for every decoder whose attention goes through transformers' attention registry (GPT-2, Llama, Mistral,
 Qwen2, Qwen3, Phi3, ...): no per-family code. Two per-instance hooks (the classes are never touched; unpatch deletes
 them again), each keeping the original method's `inspect.signature` (HF's tests and the Trainer read it):
-    * the base model's `forward` (GPT2Model, LlamaModel, ...): creates a PagedCache where HF would create a
-      DynamicCache, brackets the call with the cache's begin_step / end_step (which need the 2D padding mask), and for
-      that call switches the model's configs to the "kvkernels" attention function (kvkernels.hf.attention), which
-      writes each layer's new K/V into the pool and attends with the kvkernels kernels. Only where the paged path is
+    * the decoder stack's `forward` (GPT2Model, LlamaModel, ...; OPT's OPTDecoder: decoder_stack): creates a
+      PagedCache where HF would create a DynamicCache, brackets the call with the cache's begin_step / end_step
+      (which need the 2D padding mask), and for that call switches the model's configs to the "kvkernels"
+      attention function (kvkernels.hf.attention), which writes each layer's new K/V into the pool and attends
+      with the kvkernels kernels. Only where the paged path is
       exact: every module in eval mode (dropout off), no gradient can flow (the kernels have no autograd), no attention
       weights asked for, self-attention only, a 2D mask. Anything else runs HF's own forward, attention and
       DynamicCache, untouched, and says why once per model (a warning).
