@@ -12,6 +12,7 @@ OUT=${OUT:-/tmp/kvkernels-gpu}
 # The device tool returns at most 8 files from $OUT: every stage writes under $RUN, and after each stage $RUN is
 # packed again into one archive, so a call stopped at its limit still returns the stages it finished.
 RUN=${RUN:-/tmp/kvkernels-gpu-run}
+case $RUN in /tmp/?*) ;; *) echo "RUN must be a folder under /tmp (it is emptied), got $RUN"; exit 2 ;; esac
 rm -rf "$RUN"        # one archive per call: an earlier call's files on a warm machine came back with it already
 mkdir -p "$OUT" "$RUN"
 pack() { tar czf "$OUT/gpu_session.tgz.part" -C "$RUN" . && mv "$OUT/gpu_session.tgz.part" "$OUT/gpu_session.tgz"; }

@@ -22,6 +22,7 @@ with the same batch, lengths budget and settings refills them in place and repla
 `release(model)` frees them.
 """
 import functools
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -313,7 +314,7 @@ def _check_inputs(model, input_ids, attention_mask, max_new_tokens):
         if window is not None and input_ids.shape[1] + max_new_tokens - 1 > window \
                 and bool((real[:, 1:] < real[:, :-1]).any()):
             raise ValueError(f"attention_mask: a masked column after a prompt's first real token, in a model whose "
-                             f"sliding window ({window}) is shorter than the prompt plus max_new_tokens, is not "
+                             f"sliding window ({window}) is shorter than prompt + max_new_tokens - 1, is not "
                              "supported by kvkernels.generate (the window would count tokens where HF counts "
                              "columns): left-pad the prompts, or use kvkernels.patch and model.generate")
     lengths = real.sum(1).tolist()
@@ -444,9 +445,13 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens=None, do_s
                      "eos_token_id")
     pad = getattr(gen_config, "pad_token_id", None) if pad_token_id is None else pad_token_id
     pad = pad.tolist() if isinstance(pad, torch.Tensor) else pad
-    if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int)):   # any int: some configs pad with -1
-        raise ValueError(f"pad_token_id must be one token id, got {pad_token_id!r}")
-    pad_token_id = (eos[0] if eos else 0) if pad is None else pad
+    if pad is not None and (isinstance(pad, bool) or not isinstance(pad, numbers.Integral)):
+        raise ValueError(f"pad_token_id must be one token id, got {pad!r}")
+    pad_token_id = (eos[0] if eos else 0) if pad is None else int(pad)
+    # A sequence that ends feeds pad back in (as in HF); without an EOS it is never fed (some configs pad with -1).
+    if eos and not 0 <= pad_token_id < lm_head.out_features:
+        raise ValueError(f"pad_token_id={pad_token_id} must be a token id in [0, {lm_head.out_features}) when an EOS "
+                         "can end a sequence: an ended sequence feeds it back, as in HF")
     device = input_ids.device
     cache_dtype = resolve_cache_dtype(cache_dtype)
     session = _session(model, base, lm_head, params, lengths, max_new_tokens, eos, pad_token_id,

@@ -266,13 +266,14 @@ def _gemm_blocks(M, N, K, dtype, interpreted=False):
     """(BLOCK_M, BLOCK_K, BLOCK_N): 16 rows is tl.dot's minimum; narrow column tiles give a launch enough programs
     to stream the weight from many SMs at batch 1 (c_proj has only 768 columns). Triton's interpreter runs the
     programs one after another at a cost per program, so there (`interpreted`) a launch gets as few column tiles
-    as its tensors allow (4, or a weight tile of the interpreter's 2**20 elements at most): GPT-2's 50257-column
+    as its tensors allow (4, or tiles of the interpreter's 2**20 elements at most): GPT-2's 50257-column
     lm_head ran 786 programs a token, over a second on a CPU."""
     block_m = 16 if M <= 16 else 32
     block_n = 32 if N <= 4096 else 64
     block_k = min(128 if dtype != torch.float32 else 64, triton.next_power_of_2(K))
     if interpreted:
-        block_n = max(block_n, min(triton.next_power_of_2(triton.cdiv(N, 4)), INTERPRETER_MAX_NUMEL // block_k))
+        block_n = max(block_n, min(triton.next_power_of_2(triton.cdiv(N, 4)),
+                                   INTERPRETER_MAX_NUMEL // max(block_k, block_m)))    # [K, N] and [M, N] tiles
     return block_m, block_k, block_n
 
 

@@ -49,6 +49,9 @@ def test_greedy_ignores_sampling_settings_and_takes_tensor_token_ids_as_hf_does(
     got = kvkernels.generate(model, ids, mask, eos_token_id=[], pad_token_id=-1, backend="torch", **settings)
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
     assert SamplingParams(do_sample=False, temperature=0.7, top_p=0.5) == SamplingParams()   # one greedy session
+    for pad in (-1, 256):                           # an ended sequence feeds its pad back: out of the vocabulary
+        with pytest.raises(ValueError, match=rf"pad_token_id={pad} must be a token id in \[0, 256\)"):
+            kvkernels.generate(model, ids, mask, eos_token_id=eos, pad_token_id=pad, backend="triton", **settings)
 
 
 def test_prompt_plus_new_tokens_may_pass_the_position_table_by_the_one_token_never_fed():

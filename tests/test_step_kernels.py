@@ -166,20 +166,20 @@ def test_split_k_gemms_match_reference_run_to_run_identical(monkeypatch, sms, dt
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_a_vocabulary_wide_gemm_matches_reference(dtype):
-    """GPT-2's lm_head shape at a small width: 50257 columns (64-column tiles on a GPU, few wide ones in the
-    interpreter, where they took 786 programs a token, then a weight tile over the interpreter's 2**20 elements
-    at 16 bits), its last tile partial; logits in float32."""
+@pytest.mark.parametrize("M, K, N", [(1, 128, 50257), (17, 16, 151936)])
+def test_a_vocabulary_wide_gemm_matches_reference(dtype, M, K, N):
+    """lm_head shapes at small widths: 50257 / 151936 columns (64-column tiles on a GPU, few wide ones in the
+    interpreter, where GPT-2's took 786 programs a token, then weight or accumulator tiles over the interpreter's
+    2**20 elements), the last tile partial; logits in float32."""
     g = torch.Generator().manual_seed(0)
-    K, N = 128, 50257
-    if DEVICE.type == "cpu":
-        assert triton_step._gemm_plan(1, N, K, dtype, DEVICE)[1][0] <= 8
-    x = randn(1, K, dtype=dtype, generator=g)
+    if DEVICE.type == "cpu" and M == 1:
+        assert triton_step._gemm_plan(M, N, K, dtype, DEVICE)[1][0] <= 8
+    x = randn(M, K, dtype=dtype, generator=g)
     weight = randn(K, N, dtype=dtype, generator=g, scale=K ** -0.5)
     layer_norm = (randn(K, dtype=dtype, generator=g), randn(K, dtype=dtype, generator=g), 1e-5)
     outputs = []
     for ops in (triton_step, step_reference):
-        out = torch.full((1, N), float("nan"), device=DEVICE)
+        out = torch.full((M, N), float("nan"), device=DEVICE)
         ops.linear(x, weight, None, out, layer_norm=layer_norm)
         outputs.append(out)
     assert outputs[0].isfinite().all()
