@@ -63,27 +63,28 @@ def attention_shape(config) -> AttentionShape:
     return AttentionShape(text.num_hidden_layers, heads, kv_heads, head_dim, text.max_position_embeddings, name)
 
 
-def shared_window(config):
-    """The sliding window (in tokens) every attention layer of the decoder attends within, or None when some layer
-    sees the whole context. Read as transformers' caches read it: `layer_types` where the config lists them, else
-    one `sliding_window` for all layers (Mistral, Phi3)."""
+def _window(config, layer_is_windowed):
+    """The config's sliding window (in tokens) if `layer_is_windowed(layer_types)` holds, else None. Read as
+    transformers' caches read it: `layer_types` where the config lists them, else one `sliding_window` for all
+    layers (Mistral, Phi3)."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     window = getattr(text, "sliding_window", None)
     layer_types = getattr(text, "layer_types", None)
-    if window is None or (layer_types is not None and any(t != "sliding_attention" for t in layer_types)):
+    if window is None or (layer_types is not None and not layer_is_windowed(layer_types)):
         return None
     return int(window)
+
+
+def shared_window(config):
+    """The sliding window every attention layer of the decoder attends within, or None when some layer sees the
+    whole context."""
+    return _window(config, lambda layer_types: all(t == "sliding_attention" for t in layer_types))
 
 
 def any_window(config):
-    """The sliding window (in tokens) some attention layer of the decoder attends within, or None when every layer
-    sees the whole context (read as shared_window reads it)."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    window = getattr(text, "sliding_window", None)
-    layer_types = getattr(text, "layer_types", None)
-    if window is None or (layer_types is not None and "sliding_attention" not in layer_types):
-        return None
-    return int(window)
+    """The sliding window some attention layer of the decoder attends within, or None when every layer sees the
+    whole context."""
+    return _window(config, lambda layer_types: "sliding_attention" in layer_types)
 
 
 class _PagedLayer(CacheLayerMixin):

@@ -118,7 +118,7 @@ def decoder_stack(model):
         return base
     inner = [m for m in base.children() if isinstance(m, PreTrainedModel)]
     if len(inner) == 1 and any(m is embeddings for m in inner[0].modules()) \
-            and any(name in inspect.signature(type(inner[0]).forward).parameters for name in _CACHE_ARGS):
+            and any(name in _parameters(type(inner[0]).forward)[0] for name in _CACHE_ARGS):
         return inner[0]
     return base
 
